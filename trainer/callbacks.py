@@ -1,0 +1,186 @@
+"""Callbacks: stop when the improvement becomes negligible, and say what the run reached."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from trainer.optimum import least_squares, squared_error
+
+
+class Convergence(L.Callback):
+    """ "Once the improvement becomes negligible, the gradient descent algorithm stops."
+
+    Stops when the relative improvement of the training cost, (C_prev − C) / C_prev, stays below ``tol``
+    for ``patience`` checks in a row. With the whole dataset a step (plain gradient descent) it checks
+    every update; with mini-batches the per-batch cost is noisy, so it checks the epoch's mean cost.
+
+    Args:
+        tol: the relative improvement below which a check counts as negligible; 0 turns the stop off.
+        patience: how many negligible checks in a row stop the run.
+        min_steps: never stop before this many updates.
+    """
+
+    def __init__(self, tol: float = 1e-7, patience: int = 10, min_steps: int = 0) -> None:
+        if not tol >= 0:
+            raise ValueError(f"convergence.tol = {tol!r} is invalid: use a value ≥ 0 (0 turns the stop off)")
+        if patience < 1:
+            raise ValueError(f"convergence.patience = {patience!r} is invalid: use an integer ≥ 1")
+        self.tol, self.patience, self.min_steps = tol, patience, min_steps
+        self.best: float | None = None
+        self.previous: float | None = None
+        self.negligible = 0
+        self._epoch_sum = 0.0
+        self._epoch_count = 0
+
+    def _per_step(self, trainer: L.Trainer) -> bool:
+        return trainer.num_training_batches == 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        cost = outputs["loss"] if isinstance(outputs, dict) else outputs
+        value = float(cost)
+        if self._per_step(trainer):
+            self._check(trainer, pl_module, value)
+        else:
+            self._epoch_sum += value
+            self._epoch_count += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._per_step(trainer) and self._epoch_count:
+            self._check(trainer, pl_module, self._epoch_sum / self._epoch_count)
+        self._epoch_sum, self._epoch_count = 0.0, 0
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, cost: float) -> None:
+        if self.tol <= 0 or not math.isfinite(cost):
+            self.previous = cost
+            return
+        if self.previous is not None and math.isfinite(self.previous):
+            improvement = (self.previous - cost) / max(abs(self.previous), 1e-300)
+            self.negligible = self.negligible + 1 if improvement < self.tol else 0
+        self.previous = cost
+        if self.negligible >= self.patience and trainer.global_step >= self.min_steps:
+            reason = (
+                f"converged: the relative improvement of the cost stayed below tol={self.tol:g} "
+                f"for {self.patience} checks"
+            )
+            pl_module.stop_reason = reason
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "previous": self.previous,
+            "negligible": self.negligible,
+            "epoch_sum": self._epoch_sum,
+            "epoch_count": self._epoch_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous = state["previous"]
+        self.negligible = state["negligible"]
+        self._epoch_sum = state.get("epoch_sum", 0.0)
+        self._epoch_count = state.get("epoch_count", 0)
+
+
+def stop_reason(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """Why fitting ended: the reason a callback set, else the trainer's limit that was reached."""
+    if getattr(pl_module, "stop_reason", None):
+        return pl_module.stop_reason
+    if trainer.interrupted:
+        return "interrupted"
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return f"max_steps: reached trainer.max_steps={trainer.max_steps}"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
+        return f"max_epochs: reached trainer.max_epochs={trainer.max_epochs}"
+    return "stopped"
+
+
+def run_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """What the run reached: stop reason, steps, epochs, final costs, small models' parameters and, for a
+    linear model, the closed-form least-squares optimum and the gap to it."""
+    dm = trainer.datamodule
+    hp = pl_module.hparams
+    summary: dict[str, Any] = {
+        "stop_reason": stop_reason(trainer, pl_module),
+        "steps": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "final_train_cost": None,
+        "final_val_cost": None,
+    }
+    if dm is not None and hasattr(dm, "x_train"):
+        summary["final_train_cost"] = pl_module.full_cost(dm.x_train, dm.y_train)
+        if dm.x_val.shape[0]:
+            summary["final_val_cost"] = pl_module.full_cost(dm.x_val, dm.y_val)
+    scalars = pl_module.named_scalars()
+    if scalars is not None:
+        summary["parameters"] = scalars
+    if pl_module.is_linear and dm is not None and hasattr(dm, "x_train"):
+        weight, bias = least_squares(dm.x_train, dm.y_train)
+        lin = pl_module.model.linears[0]
+        optimum_cost = squared_error(dm.x_train, dm.y_train, weight, bias, hp.reduction)
+        optimum: dict[str, Any] = {"cost": optimum_cost}
+        if weight.shape == (1, 1):
+            optimum.update(slope=weight.item(), intercept=bias.item())
+        else:
+            optimum.update(weight=weight.tolist(), bias=bias.tolist())
+        summary["optimum"] = optimum
+        w_gap = (lin.weight.detach().double().cpu() - weight).abs().max().item()
+        b_gap = (lin.bias.detach().double().cpu() - bias).abs().max().item()
+        summary["gap"] = {
+            "cost": (summary["final_train_cost"] - optimum_cost) if summary["final_train_cost"] is not None else None,
+            "max_abs_parameter": max(w_gap, b_gap),
+        }
+    return summary
+
+
+class Summary(L.Callback):
+    """At the end of fit: print a few lines and write ``summary.json`` beside the TensorBoard events."""
+
+    def __init__(self, filename: str = "summary.json", verbose: bool = True) -> None:
+        self.filename, self.verbose = filename, verbose
+        self.summary: dict[str, Any] | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary = run_summary(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        log_dir = trainer.log_dir
+        if log_dir is not None:
+            path = Path(log_dir) / self.filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
+            tmp.replace(path)
+            self.summary["path"] = str(path)
+        if self.verbose:
+            print(format_summary(self.summary))
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short table of what the run reached."""
+    lines = [
+        f"stop reason   {summary['stop_reason']}",
+        f"steps         {summary['steps']}  (epochs {summary['epochs']})",
+    ]
+    for key in ("final_train_cost", "final_val_cost"):
+        if summary.get(key) is not None:
+            lines.append(f"{key.removeprefix('final_').replace('_', ' '):<13} {summary[key]:.6g}")
+    optimum = summary.get("optimum", {})
+    params = summary.get("parameters")
+    if params:
+        width = max(len(k) for k in params)
+        for name, value in params.items():
+            target = optimum.get(name)
+            against = f"   closed form {target:.6g}" if isinstance(target, float) else ""
+            lines.append(f"  {name:<{width}} {value:.6g}{against}")
+    if "optimum" in summary:
+        lines.append(f"optimum cost  {optimum['cost']:.6g}  (gap {summary['gap']['cost']:.3g})")
+    if "path" in summary:
+        lines.append(f"summary       {summary['path']}")
+    return "\n".join(lines)
+
+
+__all__ = ["Convergence", "Summary", "format_summary", "run_summary", "stop_reason"]
