@@ -52,6 +52,10 @@ def _quiet_warnings() -> None:
         ".*TensorBoard support.*",
         ".*Total length of .* across ranks is zero.*",
         ".*isinstance.treespec, LeafSpec.*",
+        # With manual optimization a step's checkpoint holds the state after its update, which is what
+        # resuming needs (global_step counts that update).
+        ".*no pre-optimization state was saved.*",
+        ".*The dirpath has changed from.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

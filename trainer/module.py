@@ -146,6 +146,11 @@ class BackpropModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step
 
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # The logger's step axis is Lightning's count of batches that stepped; with one update per batch it
+        # must equal global_step. Lightning's restart bookkeeping leaves it one ahead after a resume.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
