@@ -92,3 +92,25 @@ def test_console_script_and_module_entry_points():
     assert (ROOT / "trainer" / "__main__.py").is_file()
     result = run_cli("--help")
     assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
+
+
+def test_lightning_early_stopping_can_be_added_from_yaml(tmp_path):
+    config = tmp_path / "early.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+        "      init_args:\n        monitor: val/cost\n        patience: 2\n        min_delta: 0.01\n"
+    )
+    result = _fit(
+        tmp_path,
+        "--config",
+        str(config),
+        "--data.val_fraction",
+        "0.3",
+        "--convergence.tol",
+        "0",
+        "--trainer.max_steps",
+        "5000",
+    )
+    summary = json.loads((tmp_path / "line" / "version_0" / "summary.json").read_text())
+    assert summary["steps"] < 5000, result.stdout[-1000:]
+    assert summary["stop_reason"].startswith("early stopping: val/cost")

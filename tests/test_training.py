@@ -202,3 +202,32 @@ def test_hyperparameters_are_primitive_so_checkpoints_load_with_weights_only(tmp
     loaded = BackpropModule.load_from_checkpoint(path, weights_only=True)
     for a, b in zip(module.parameters(), loaded.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_convergence_on_minibatches_checks_epoch_means_and_can_be_told_to_check_every_update():
+    def run(check):
+        data = RegressionData(n=64, val_fraction=0.0, batch_size=8, noise=0.3)
+        module = BackpropModule(hidden=[], lr=0.05)
+        conv = Convergence(tol=1e-3, patience=3, check=check)
+        trainer = quiet_trainer(max_steps=4000, callbacks=[conv])
+        trainer.fit(module, data)
+        return trainer.global_step
+
+    per_epoch, per_step = run("auto"), run("step")
+    assert per_epoch % 8 == 0  # it stops only at an epoch's end
+    assert per_step < per_epoch  # noisy per-batch costs look negligible much sooner
+    with pytest.raises(ValueError, match="convergence.check"):
+        Convergence(check="sometimes")
+
+
+def test_the_stop_reason_goes_to_tensorboard_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="t", default_hp_metric=False)
+    quiet_trainer(max_steps=3000, logger=logger, callbacks=[Convergence(), Summary(verbose=False)]).fit(
+        _line_module(), LineData(n=30)
+    )
+    acc = EventAccumulator(str(tmp_path / "t" / "version_0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("summary/text_summary")
+    assert b"converged" in event.tensor_proto.string_val[0]
