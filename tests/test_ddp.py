@@ -18,10 +18,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
 from trainer import BackpropModule, Convergence, IndexBatches, LineData, RegressionData
+from trainer.cli import make_cli
 from trainer.distributed import HandgradDDPStrategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +73,11 @@ def fit(
     snapshot: int = 0,
     checkpoint_every: int | None = None,
     ckpt_path: str | None = None,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> list[dict]:
-    """Fit on ``devices`` CPU processes (spawned under DDP) and return each rank's record, rank 0 first."""
+    """Fit on ``devices`` processes (spawned under DDP: gloo on CPU, NCCL on CUDA) and return each rank's
+    record, rank 0 first."""
     strategy = (
         HandgradDDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))  # a hang fails in a minute
         if devices > 1
@@ -90,9 +95,10 @@ def fit(
             )
         )
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=strategy,
+        precision=precision,
         max_steps=max_steps,
         max_epochs=-1,
         logger=False,
@@ -110,7 +116,9 @@ def fit(
 
 
 def params(record: dict, key: str = "params") -> dict[str, torch.Tensor]:
-    return {name: torch.tensor(value, dtype=torch.float32) for name, value in record[key].items()}
+    """The recorded parameters as tensors of the run's dtype."""
+    dtype = getattr(torch, record["dtype"].removeprefix("torch."))
+    return {name: torch.tensor(value, dtype=dtype) for name, value in record[key].items()}
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -118,7 +126,8 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 def assert_same_run(ddp: list[dict], one: dict, key: str = "params") -> float:
-    """Every rank holds bit-identical parameters, equal to one process's to float32 rounding; returns the gap."""
+    """Every rank holds bit-identical parameters, equal to one process's to the rounding of their dtype
+    (assert_close's default tolerances); returns the gap."""
     for rank in ddp[1:]:
         for name, value in params(rank, key).items():
             assert torch.equal(value, params(ddp[0], key)[name]), f"rank {rank['rank']} drifted from rank 0 in {name}"
@@ -287,8 +296,33 @@ def test_float64_run_matches_torch_sgd(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the command line
 
 
+def test_ddp_config_runs(tmp_path: Path) -> None:
+    """configs/ddp.yaml, in this process: one CPU device, so a DDP world of one."""
+    args = ["fit", "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.accelerator", "cpu"]
+    args += ["--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    environment = dict(os.environ)
+    try:
+        cli = make_cli([*args, "--progress_bar.refresh_rate", "0"])
+        assert isinstance(cli.trainer.strategy, HandgradDDPStrategy)
+        assert cli.trainer.global_step == 5
+        (run,) = tmp_path.glob("ddp/version_*")
+        assert _scalars(run, "data/effective_batch_size") == [float(cli.datamodule.batch_size)]
+    finally:
+        # Lightning leaves an in-process DDP run's group and variables (LOCAL_RANK, MASTER_PORT, …) behind;
+        # a later launch that inherited LOCAL_RANK would take itself for a child and wait for the others.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+# What a launcher tells its children; a fresh launch must not inherit them.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE")
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("TORCHELASTIC")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "trainer", "fit", "--config", "configs/line.yaml"]
     command += ["--progress_bar.refresh_rate", "0"]
     return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -299,12 +333,11 @@ def _summary(save_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _scalar(save_dir: Path, tag: str) -> list[float]:
+def _scalars(run: Path, tag: str) -> list[float]:
+    """Every value of ``tag`` in the TensorBoard events of ``run``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (run,) = save_dir.glob("line/version_*")
-    events = EventAccumulator(str(run)).Reload()
-    return [e.value for e in events.Scalars(tag)]
+    return [e.value for e in EventAccumulator(str(run)).Reload().Scalars(tag)]
 
 
 @pytest.mark.slow
@@ -318,7 +351,8 @@ def test_command_line_ddp_ends_with_the_one_process_result(tmp_path: Path) -> No
     assert "effective batch: 100 examples per update (the whole training set, split over 2 devices)" in (
         ddp.stdout + ddp.stderr
     )
-    assert _scalar(ddp_dir, "data/effective_batch_size") == [100.0]
+    (run,) = ddp_dir.glob("line/version_*")
+    assert _scalars(run, "data/effective_batch_size") == [100.0]
     assert (ddp_dir / "line" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     a, b = _summary(ddp_dir), _summary(one_dir)
     assert a["stop_reason"].startswith("converged") and b["stop_reason"].startswith("converged")
