@@ -22,7 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
-from trainer import BackpropModule, Convergence, IndexBatches, LineData, RegressionData
+from trainer import BackpropModule, ClassificationData, Convergence, IndexBatches, LineData, RegressionData
 from trainer.cli import make_cli
 from trainer.distributed import HandgradDDPStrategy
 
@@ -36,6 +36,7 @@ class Record(L.Callback):
     def __init__(self, out: Path, snapshot: int = 0) -> None:
         self.out, self.snapshot = Path(out), snapshot
         self.costs: list[float] = []
+        self.accuracies: list[float] = []
         self.at_snapshot: dict[str, list] | None = None
 
     @staticmethod
@@ -44,6 +45,8 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.costs.append(trainer.callback_metrics["train/cost"].item())
+        if "train/accuracy" in trainer.callback_metrics:
+            self.accuracies.append(trainer.callback_metrics["train/accuracy"].item())
         if trainer.global_step == self.snapshot:
             self.at_snapshot = self._params(pl_module)
 
@@ -54,6 +57,7 @@ class Record(L.Callback):
             "steps": trainer.global_step,
             "stop_reason": pl_module.stop_reason,
             "costs": self.costs,
+            "accuracies": self.accuracies,
             "snapshot": self.at_snapshot,
             "params": self._params(pl_module),
             "dtype": str(next(pl_module.model.parameters()).dtype),
@@ -259,6 +263,25 @@ def test_mini_batch_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None:
     assert resumed[0]["costs"] == ddp[0]["costs"][90:], "the resumed run did not take the same batches"
     gap_resumed = assert_same_run(resumed, one)
     print(f"\nmini-batch: max |Δθ| ddp vs one process {gap:.3g}; resumed at step 90 vs one process {gap_resumed:.3g}")
+
+
+def test_summed_cost_classification_ddp_matches_one_process(tmp_path: Path) -> None:
+    # reduction: sum, whose global gradient is the plain sum of the ranks' (no division), and the accuracy
+    # logged from the count of right classes over all ranks. 45 examples, 6 per device: a last batch of 5 + 4.
+    def run(devices: int, batch_size: int) -> list[dict]:
+        data = ClassificationData(dataset="moons", n=45, batch_size=batch_size, val_fraction=0.0, seed=1)
+        torch.manual_seed(0)
+        model = BackpropModule(
+            hidden=[6], activation="relu", loss="cross_entropy", reduction="sum", lr=0.01, in_features=2, out_features=2
+        )
+        return fit(tmp_path / f"devices{devices}", data, model, devices=devices, max_steps=60)
+
+    ddp, (one,) = run(WORLD, 6), run(1, 6 * WORLD)
+    gap = assert_same_run(ddp, one)
+    for rank in ddp:
+        torch.testing.assert_close(torch.tensor(rank["costs"]), torch.tensor(one["costs"]))
+        assert rank["accuracies"] == one["accuracies"]
+    print(f"\nsummed cost, classification: max |Δθ| ddp vs one process {gap:.3g}")
 
 
 def test_float64_run_matches_torch_sgd(tmp_path: Path) -> None:
