@@ -17,7 +17,9 @@ class Convergence(L.Callback):
     """ "Once the improvement becomes negligible, the gradient descent algorithm stops."
 
     Stops when the relative improvement of the training cost, (C_prev − C) / C_prev, stays below ``tol``
-    for ``patience`` checks in a row.
+    for ``patience`` checks in a row. Under DDP the cost it reads is what ``training_step`` returns: the
+    cost over all ranks, from the same all-reduce as the gradients and identical on every rank, so every
+    rank stops at the same step.
 
     Args:
         tol: the relative improvement below which a check counts as negligible; 0 turns the stop off.
@@ -156,9 +158,9 @@ class Summary(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.summary = run_summary(trainer, pl_module)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return
-        log_dir = trainer.log_dir
         if log_dir is not None:
             path = Path(log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)

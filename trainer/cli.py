@@ -36,6 +36,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 20_000,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
+    # Our IndexBatches shard each epoch's order per rank themselves (trainer/data.py); Lightning would only
+    # touch torch DataLoaders anyway, and this makes sure no DistributedSampler reshuffles behind them.
+    "use_distributed_sampler": False,
 }
 
 
