@@ -51,7 +51,8 @@ class SquaredError(Loss):
                 )
         diff = pred - target  # (N, K): ŷ − y
         self._save(diff)
-        return (diff * diff).sum() * self._scale(pred.shape[0])
+        flat = diff.reshape(-1)
+        return torch.dot(flat, flat) * self._scale(pred.shape[0])  # s Σ (ŷ − y)²: one op, where ² then Σ is two
 
     # C = s Σ (ŷ − y)²  ⇒  ∂C/∂ŷ = 2 s (ŷ − y),   s = 1/N (mean) or 1 (sum)
     def backward(self, grad_output: Tensor | float = 1.0) -> Tensor:
@@ -62,7 +63,7 @@ class SquaredError(Loss):
 class SoftmaxCrossEntropy(Loss):
     """C = (1/N) Σₙ −log softmax(zₙ)[yₙ] (``mean``) or the plain Σ, for logits z (N, K) and class indices y (N,).
 
-    Computed as logsumexp(z) − z[y], which is stable for logits of any size.
+    Computed as logsumexp(z − max z) − (z[y] − max z), which is stable and precise for logits of any size.
     """
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -72,17 +73,22 @@ class SoftmaxCrossEntropy(Loss):
                 f"{tuple(logits.shape)} and {tuple(target.shape)}"
             )
         target = target.long()
-        lse = torch.logsumexp(logits, dim=1)  # (N,)
-        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,) z[y]
-        self._save(logits, lse, target)
+        # C is unchanged by a shift of each row, so shift by its max (a constant: no gradient through it). Then
+        # lse − z[y] subtracts small numbers, not two of size |z|, and keeps full precision even at |z| = 1e4.
+        shifted = logits - logits.detach().amax(dim=1, keepdim=True)  # (N, K) z − max z, ≤ 0
+        lse = torch.logsumexp(shifted, dim=1)  # (N,) in [0, log K]
+        picked = shifted.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,) z[y] − max z
+        # Backward needs softmax(z) − onehot(y) only: make it here, where softmax is at hand, and keep that
+        # one (N, K) tensor instead of the logits, lse and targets.
+        grad = torch.exp(shifted.detach() - lse.detach().unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
+        grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+        self._save(grad)
         return (lse - picked).sum() * self._scale(logits.shape[0])
 
     # C = s Σₙ (logsumexp(zₙ) − zₙ[yₙ])  ⇒  ∂C/∂z = s (softmax(z) − onehot(y))
     def backward(self, grad_output: Tensor | float = 1.0) -> Tensor:
-        logits, lse, target = self._saved()
-        grad = torch.exp(logits - lse.unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
-        grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-        return grad.mul_(self._scale(logits.shape[0]) * grad_output)
+        (grad,) = self._saved()  # (N, K) softmax(z) − onehot(y), ours alone: scaled in place
+        return grad.mul_(self._scale(grad.shape[0]) * grad_output)
 
 
 LOSSES: dict[str, type[Loss]] = {"squared_error": SquaredError, "cross_entropy": SoftmaxCrossEntropy}
