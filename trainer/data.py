@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from trainer.steps import StepGroups
+
 
 class DataError(ValueError):
     """Bad data or data settings; the message says what, where, and what to do instead."""
@@ -102,6 +104,7 @@ class TensorData(L.LightningDataModule):
     """
 
     classification: bool = False
+    steps_per_call: int = 1  # batches handed to each training_step call; the model sets it (trainer/steps.py)
 
     def __init__(
         self, batch_size: int | None = None, val_fraction: float = 0.2, seed: int = 0, shuffle: bool = True
@@ -173,8 +176,9 @@ class TensorData(L.LightningDataModule):
             t = getattr(self, name)
             setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
 
-    def train_dataloader(self) -> IndexBatches:
-        return IndexBatches(self.x_train, self.y_train, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+    def train_dataloader(self) -> IndexBatches | StepGroups:
+        batches = IndexBatches(self.x_train, self.y_train, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+        return batches if self.steps_per_call == 1 else StepGroups(batches, self.steps_per_call)
 
     def _eval_batches(self, x: Tensor, y: Tensor) -> IndexBatches | list:
         return IndexBatches(x, y, self.batch_size, shuffle=False) if x.shape[0] else []

@@ -12,7 +12,7 @@ One training step, with no autograd anywhere in it:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 from models import LOSSES, MLP, REDUCTIONS, make_loss
 from models.activations import ACTIVATIONS
 from trainer.sgd import SGD
+from trainer.steps import StepGroup
 
 INITS = ("default", "zeros")
 
@@ -52,6 +53,8 @@ class BackpropModule(L.LightningModule):
         init: ``default`` (the init of ``torch.nn.Linear``) or ``zeros``.
         slope, intercept: a straight line's starting m and c (``hidden: []`` with one input and one output).
         in_features, out_features: the widths of the data, linked from the data module by the CLI.
+        steps_per_call: updates per ``training_step`` call (k ≥ 1): for tiny models, whose update costs less
+            than one pass of Lightning's loop. The updates are those of k = 1; see ``trainer/steps.py``.
 
     Raises:
         ConfigError: for any setting outside its valid range, naming the key.
@@ -72,10 +75,15 @@ class BackpropModule(L.LightningModule):
         intercept: float | None = None,
         in_features: int = 1,
         out_features: int = 1,
+        steps_per_call: int = 1,
     ) -> None:
         super().__init__()
         hidden = list(hidden)
         self._validate(hidden, activation, output_activation, loss, reduction, lr, momentum, weight_decay, init)
+        if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or steps_per_call < 1:
+            raise ConfigError(
+                f"model.steps_per_call = {steps_per_call!r} is invalid: use an integer ≥ 1 (1 is one update per call)"
+            )
         self.save_hyperparameters(
             {
                 "hidden": hidden,
@@ -91,6 +99,7 @@ class BackpropModule(L.LightningModule):
                 "intercept": intercept,
                 "in_features": int(in_features),
                 "out_features": int(out_features),
+                "steps_per_call": steps_per_call,
             }
         )
         self.automatic_optimization = False
@@ -149,19 +158,40 @@ class BackpropModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Forward, cost and the hand-written backward; ∂C/∂θ accumulates into each ``.grad``. Returns the cost."""
+    def forward_backward(self, x: Tensor, y: Tensor, accumulate: bool = True) -> Tensor:
+        """Forward, cost and the hand-written backward; ∂C/∂θ accumulates into each ``.grad`` (or, with
+        ``accumulate=False``, is written over it in place: zero_grad and backward in one). Returns the cost."""
         with torch.no_grad():
-            pred = self.model(x)  # (N, K)
-            cost = self.loss(pred, y)
-            self.model.backward(self.loss.backward())
-        self._last_pred = pred
+            return self._forward_backward(x, y, accumulate)
+
+    def _forward_backward(self, x: Tensor, y: Tensor, accumulate: bool) -> Tensor:
+        pred = self.model(x)  # (N, K)
+        cost = self.loss(pred, y)
+        # input_grad=False: x is the data, so ∂C/∂x is never needed (autograd skips it too)
+        self.model.backward(self.loss.backward(), accumulate=accumulate, input_grad=False)
+        if self.classification:
+            self._last_pred = pred  # for the accuracy; an attribute write on a Module is not free, so only here
+        return cost
+
+    def update(self, x: Tensor, y: Tensor, optimizer_step: Callable[[], object]) -> Tensor:
+        """One update on the batch (x, y), as ``training_step`` makes it; returns the cost (0-d, no host sync).
+
+        Forward, cost, backward written over the last update's ``.grad`` buffers (so no zero_grad), the
+        all-reduce under DDP, then ``optimizer_step()``: Lightning's ``self.optimizers().step`` (which
+        counts the update and runs its hooks) or, outside that, our ``SGD.update`` (the benchmark).
+        """
+        with torch.no_grad():  # one context around the whole update: no autograd anywhere in it
+            cost = self._forward_backward(x, y, accumulate=False)
+            self.sync_gradients()
+            optimizer_step()
         return cost
 
     def sync_gradients(self) -> None:
         """Under DDP: all-reduce every gradient in one flat buffer, SUM then ÷ world size (the mean)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return  # one process (checked first: it is the cheap test, and the usual case)
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        if world <= 1:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -172,18 +202,77 @@ class BackpropModule(L.LightningModule):
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def setup(self, stage: str) -> None:
+        """Tell the data module how many batches each training_step call takes (``steps_per_call``)."""
+        k = self.hparams.steps_per_call
+        if k == 1 or stage != "fit":
+            return
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "steps_per_call"):
+            raise ConfigError(
+                f"model.steps_per_call = {k} needs one of handgrad's data modules (trainer.data), which hand "
+                "over k batches per call; use steps_per_call: 1 with other data"
+            )
+        dm.steps_per_call = k
+
+    def training_step(self, batch: tuple[Tensor, Tensor] | StepGroup, batch_idx: int) -> Tensor | dict[str, Tensor]:
+        if isinstance(batch, StepGroup):
+            return self._training_steps(batch)
         x, y = batch
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        cost = self.forward_backward(x, y)
-        self.sync_gradients()
-        opt.step()
+        cost = self.update(x, y, self.optimizers().step)
         self.log("train/cost", cost, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         if self.classification:
             self.log("train/accuracy", self._accuracy(self._last_pred, y), on_step=True, batch_size=x.shape[0])
         self._last_pred = None
         return cost
+
+    def _training_steps(self, group: StepGroup) -> dict[str, Tensor] | None:
+        """One update per batch of the group (``steps_per_call``), each logged at its own step.
+
+        All but the last update call our SGD directly and are counted here; the last goes through
+        Lightning's optimizer step, so its hooks (``on_before_optimizer_step``) run once per call.
+        """
+        opt = self.optimizers()
+        first = self.trainer.global_step
+        batches = group.batches
+        if self.trainer.max_steps >= 0:
+            batches = batches[: max(self.trainer.max_steps - first, 0)]  # never past max_steps
+        costs, accuracies = [], []
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            costs.append(self.update(x, y, opt.step if last else opt.optimizer.update))
+            if not last:
+                self._count_update()
+            if self.classification:
+                accuracies.append(self._accuracy(self._last_pred, y))
+        self._last_pred = None
+        if not costs:
+            return None
+        series = {"train/cost": torch.stack(costs)}  # (k,), on the device
+        if accuracies:
+            series["train/accuracy"] = torch.stack(accuracies)
+        self._log_each_update(first, series)
+        cost = series["train/cost"][-1]
+        self.log("train/cost", cost, prog_bar=True, logger=False, batch_size=batches[-1][0].shape[0])
+        return {"loss": cost, "costs": series["train/cost"]}
+
+    def _count_update(self) -> None:
+        """Count an update made without Lightning's optimizer wrapper, as the wrapper does: global_step is
+        the manual-optimization loop's count of completed optimizer steps."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _log_each_update(self, first_step: int, series: dict[str, Tensor]) -> None:
+        """Write update i's values at step first_step + i, the step Lightning gives them with k = 1."""
+        if not self.loggers:
+            return
+        names = list(series)
+        rows = torch.stack([series[name] for name in names], 1).tolist()  # (k, names): the call's one host sync
+        for i, row in enumerate(rows):
+            metrics = dict(zip(names, row, strict=True))
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=first_step + i)
 
     @staticmethod
     def _accuracy(logits: Tensor, y: Tensor) -> Tensor:

@@ -50,6 +50,18 @@ class SGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 cost = closure()
+        self.update()
+        return cost
+
+    def update(self) -> None:
+        """The update itself, for every parameter that has a gradient: what ``step`` does after its closure.
+
+        Called directly it skips what ``torch.optim.Optimizer`` wraps around ``step`` (profiler ranges and
+        step hooks), which costs more than the whole update of a tiny model.
+        """
+        if torch.is_grad_enabled():  # the update is not differentiated; callers in no_grad skip this
+            with torch.no_grad():
+                return self.update()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -61,7 +73,6 @@ class SGD(torch.optim.Optimizer):
             if momentum:
                 grads = self._velocity(params, grads, momentum)
             torch._foreach_add_(params, grads, alpha=-lr)  # p ← p − lr·g: the step size is lr·g
-        return cost
 
     def _velocity(self, params: list[Tensor], grads: list[Tensor], momentum: float) -> list[Tensor]:
         """v ← μ·v + g (v = g on the first step), kept per parameter in the optimizer state."""
