@@ -85,7 +85,9 @@ class Linear(Layer):
             self._grad_of_sum(bias, g, accumulate)  # (O,)
         if not input_grad:
             return None
-        return g @ weight.detach()  # (N, I); detached: a manual backward builds no autograd graph
+        if torch.is_grad_enabled():
+            weight = weight.detach()  # a manual backward builds no autograd graph
+        return g @ weight  # (N, I)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
