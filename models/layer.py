@@ -37,8 +37,10 @@ class Layer(nn.Module):
         # references, never copies: Linear's input is the activation's output below it, kept once.
         # Detached only when needed (a forward under autograd), so backward can never build a graph.
         if self.training:
-            if any(t.requires_grad for t in tensors):
-                tensors = tuple(t.detach() for t in tensors)
+            for t in tensors:
+                if t.requires_grad:
+                    tensors = tuple(t.detach() for t in tensors)
+                    break
             self._set_cache(tensors)
 
     def _saved(self) -> tuple[Tensor, ...]:
