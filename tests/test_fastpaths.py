@@ -296,19 +296,28 @@ def _quiet() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
-def _fit(tmp_path: Path, name: str, k: int, batch_size: int | None, max_steps: int, tol: float = 0.0):
+def _fit(
+    tmp_path: Path,
+    name: str,
+    k: int,
+    batch_size: int | None,
+    max_steps: int,
+    tol: float = 0.0,
+    log_every: int = 1,
+    module_class: type[BackpropModule] = BackpropModule,
+):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     _quiet()
     torch.manual_seed(0)
     dm = RegressionData(n=50, batch_size=batch_size, val_fraction=0.2, noise=0.1)
-    module = BackpropModule(hidden=[4], activation="tanh", lr=0.1, steps_per_call=k)
+    module = module_class(hidden=[4], activation="tanh", lr=0.1, steps_per_call=k)
     convergence = Convergence(tol=tol, patience=3)
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
         logger=TensorBoardLogger(str(tmp_path), name=name, default_hp_metric=False),
-        log_every_n_steps=1,
+        log_every_n_steps=log_every,
         callbacks=[convergence],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -346,6 +355,25 @@ def test_steps_per_call_makes_the_same_updates_and_logs_them_at_the_same_steps(
     assert four_conv.previous == one_conv.previous  # the convergence check saw the same costs
     if batch_size is not None:
         assert four.current_epoch == one.current_epoch  # with mini-batches an epoch is still one pass
+
+
+class _LoggedByLightning(BackpropModule):
+    """The reference for our logging: one update per call, its cost through Lightning's own self.log."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        cost = self.update(x, y, self.optimizers().step)
+        self.log("train/cost", cost, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return cost
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+@pytest.mark.parametrize("k", [1, 4])
+def test_costs_are_logged_at_the_steps_and_values_lightning_logs(tmp_path: Path, k: int, log_every: int) -> None:
+    ours, _, _ = _fit(tmp_path, f"ours{k}", k, None, 10, log_every=log_every)
+    theirs, _, _ = _fit(tmp_path, "lightning", 1, None, 10, log_every=log_every, module_class=_LoggedByLightning)
+    assert _cost_events(ours.logger.log_dir) == _cost_events(theirs.logger.log_dir)
+    assert ours.callback_metrics["train/cost"].ndim == 0  # the last cost, for callbacks and the progress bar
 
 
 def test_steps_per_call_convergence_checks_every_update(tmp_path: Path) -> None:
