@@ -51,8 +51,7 @@ class SquaredError(Loss):
                 )
         diff = pred - target  # (N, K): ŷ − y
         self._save(diff)
-        flat = diff.reshape(-1)
-        return torch.dot(flat, flat) * self._scale(pred.shape[0])  # s Σ (ŷ − y)²: one op, where ² then Σ is two
+        return (diff * diff).sum() * self._scale(pred.shape[0])
 
     # C = s Σ (ŷ − y)²  ⇒  ∂C/∂ŷ = 2 s (ŷ − y),   s = 1/N (mean) or 1 (sum)
     def backward(self, grad_output: Tensor | float = 1.0) -> Tensor:
