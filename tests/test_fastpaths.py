@@ -384,6 +384,19 @@ def test_steps_per_call_convergence_checks_every_update(tmp_path: Path) -> None:
     assert four.global_step == -(-one.global_step // 4) * 4
 
 
+def test_a_data_module_reused_with_one_step_per_call_hands_over_single_batches(tmp_path: Path) -> None:
+    from trainer.data import IndexBatches
+
+    _quiet()
+    dm = RegressionData(n=20, batch_size=None)
+    for k, loader_type in ((4, StepGroups), (1, IndexBatches)):
+        trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(BackpropModule(steps_per_call=k), dm)
+        assert type(trainer.train_dataloader) is loader_type and trainer.global_step == 4
+
+
 def test_steps_per_call_needs_handgrads_data_modules() -> None:
     _quiet()
     module = BackpropModule(steps_per_call=2)

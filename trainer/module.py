@@ -207,16 +207,17 @@ class BackpropModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Tell the data module how many batches each training_step call takes (``steps_per_call``)."""
-        k = self.hparams.steps_per_call
-        if k == 1 or stage != "fit":
+        if stage != "fit":
             return
+        k = self.hparams.steps_per_call
         dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "steps_per_call"):
+        if dm is not None and hasattr(dm, "steps_per_call"):
+            dm.steps_per_call = k  # also 1: a data module reused after a run with k > 1 goes back to one batch
+        elif k > 1:
             raise ConfigError(
                 f"model.steps_per_call = {k} needs one of handgrad's data modules (trainer.data), which hand "
                 "over k batches per call; use steps_per_call: 1 with other data"
             )
-        dm.steps_per_call = k
 
     def training_step(self, batch: tuple[Tensor, Tensor] | StepGroup, batch_idx: int) -> dict[str, Tensor] | None:
         """One update per batch: the one batch, or each of a ``StepGroup``'s k (``steps_per_call``).
