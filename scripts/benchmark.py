@@ -307,7 +307,7 @@ def _step(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
 comparison("step.line", 0.4)(_step("line", (21, 200), (41, 500)))
 comparison("step.chain", 0.4)(_step("chain", (21, 200), (41, 500)))
 comparison("step.mlp_s", 0.7)(_step("mlp_s", (21, 100), (41, 300)))
-comparison("step.mlp_l", 0.97)(_step("mlp_l", (7, 1), (15, 2)))
+comparison("step.mlp_l", 0.97)(_step("mlp_l", (15, 1), (25, 2)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def floor_mlp_l(s: Settings) -> Result:
         for a, b in products:
             torch.mm(a, b)
 
-    repeats = s.scale(7, 15)
+    repeats = s.scale(11, 25)
     result = interleaved("floor.mlp_l", ours, floor, s.clock, repeats, 1, warmup=2)
     result.note = f"{len(products)} matrix products"
     return result
@@ -538,8 +538,8 @@ def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
     return run
 
 
-comparison("loop.line", 2.0)(_loop("line", (3, 16), (5, 40)))
-comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (3, 10), (5, 20)))
+comparison("loop.line", 2.0)(_loop("line", (5, 16), (7, 40)))
+comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (5, 10), (7, 20)))
 
 
 # ---------------------------------------------------------------------------------------------------------
