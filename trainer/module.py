@@ -1,12 +1,16 @@
 """BackpropModule: Lightning around the hand-written math.
 
-One training step, with no autograd anywhere in it:
+One update (``update``), with no autograd anywhere in it:
     pred = model(x)                        forward, caching what backward needs
     cost = loss(pred, y)
-    model.backward(loss.backward())        the chain rule by hand, output layer first
+    model.backward(loss.backward())        the chain rule by hand, output layer first, written over the
+                                           .grad buffers of the last update (no zero_grad)
     all-reduce the gradients               only under DDP: autograd never ran, so DDP's hooks did not fire
     opt.step()                             SGD: p ← p − lr·∂C/∂p; Lightning counts the update
-    log cost                               a tensor: no host sync inside the step
+
+A ``training_step`` call makes one update per batch it is given: one, or k with ``steps_per_call``
+(trainer/steps.py). The costs stay tensors until the end of the call, then go to the loggers at their
+own steps in one host sync.
 """
 
 from __future__ import annotations
