@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layer import Layer
@@ -70,18 +71,23 @@ class Linear(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._save(x)  # ∂C/∂W needs x
-        if self.bias is None:
-            return x @ self.weight.t()  # (N, O)
-        return torch.addmm(self.bias, x, self.weight.t())  # (N, O), bias folded into the product
+        return F.linear(x, self.weight, self.bias)  # (N, O): x Wᵀ + b, the bias folded into one addmm
 
     # y = x Wᵀ + b  ⇒  ∂C/∂x = g W,  ∂C/∂W = gᵀ x,  ∂C/∂b = Σₙ g
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, *, accumulate: bool = True, input_grad: bool = True) -> Tensor | None:
+        """∂C/∂W and ∂C/∂b into ``.grad`` (added, or written over with ``accumulate=False``); returns ∂C/∂x,
+        or None with ``input_grad=False`` (see ``Layer``)."""
         (x,) = self._saved()  # (N, I)
         g = grad_output  # (N, O)
-        self._accumulate(self.weight, g.t() @ x)  # (O, I)
-        if self.bias is not None:
-            self._accumulate(self.bias, g.sum(0))  # (O,)
-        return g @ self.weight.detach()  # (N, I); detached: a manual backward builds no autograd graph
+        weight, bias = self.weight, self.bias
+        self._grad_of_product(weight, g.t(), x, accumulate)  # (O, I)
+        if bias is not None:
+            self._grad_of_sum(bias, g, accumulate)  # (O,)
+        if not input_grad:
+            return None
+        if torch.is_grad_enabled():
+            weight = weight.detach()  # a manual backward builds no autograd graph
+        return g @ weight  # (N, I)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

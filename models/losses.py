@@ -77,15 +77,20 @@ class SoftmaxCrossEntropy(Loss):
         shifted = logits - logits.detach().amax(dim=1, keepdim=True)  # (N, K) z − max z, ≤ 0
         lse = torch.logsumexp(shifted, dim=1)  # (N,) in [0, log K]
         picked = shifted.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,) z[y] − max z
-        self._save(shifted, lse, target)
+        # Backward needs softmax(z) − onehot(y) only: make it here, where softmax is at hand, and keep that
+        # one (N, K) tensor instead of the logits, lse and targets.
+        if self.training:
+            grad = torch.exp(shifted.detach() - lse.detach().unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
+            grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
+            self._save(grad)
+        else:
+            self._save()  # an eval pass keeps nothing
         return (lse - picked).sum() * self._scale(logits.shape[0])
 
     # C = s Σₙ (logsumexp(zₙ) − zₙ[yₙ])  ⇒  ∂C/∂z = s (softmax(z) − onehot(y))
     def backward(self, grad_output: Tensor | float = 1.0) -> Tensor:
-        shifted, lse, target = self._saved()
-        grad = torch.exp(shifted - lse.unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
-        grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-        return grad.mul_(self._scale(shifted.shape[0]) * grad_output)
+        (grad,) = self._saved()  # (N, K) softmax(z) − onehot(y), ours alone: scaled in place
+        return grad.mul_(self._scale(grad.shape[0]) * grad_output)
 
 
 LOSSES: dict[str, type[Loss]] = {"squared_error": SquaredError, "cross_entropy": SoftmaxCrossEntropy}

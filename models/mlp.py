@@ -43,10 +43,16 @@ class Sequential(Layer):
         return x
 
     # y = fₖ(…f₁(x))  ⇒  ∂C/∂x = f₁'ᵀ(… fₖ'ᵀ(g)): each layer's backward feeds the one below it
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, *, accumulate: bool = True, input_grad: bool = True) -> Tensor | None:
+        """Each layer's backward, last first; ``accumulate`` and ``input_grad`` as in ``Layer``."""
         grad = grad_output
-        for layer in reversed(list(self)):
-            grad = layer.backward(grad)
+        layers = list(self)
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            if isinstance(layer, (Linear, Sequential)):  # the layers that hold parameters
+                grad = layer.backward(grad, accumulate=accumulate, input_grad=input_grad or i > 0)
+            else:
+                grad = layer.backward(grad)
         return grad
 
 

@@ -48,16 +48,24 @@ class Convergence(L.Callback):
         self._epoch_count = 0
 
     def _per_step(self, trainer: L.Trainer) -> bool:
-        return self.check == "step" or (self.check == "auto" and trainer.num_training_batches == 1)
+        if self.check != "auto":
+            return self.check == "step"
+        # One batch an epoch is the whole set: check every update. With several updates a call
+        # (trainer/steps.py) one call can also hold a short epoch of mini-batches, so ask the loader.
+        full_batch = getattr(trainer.train_dataloader, "full_batch", None)
+        return full_batch if full_batch is not None else trainer.num_training_batches == 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        cost = outputs["loss"] if isinstance(outputs, dict) else outputs
-        value = float(cost)
-        if self._per_step(trainer):
-            self._check(trainer, pl_module, value)
-        else:
-            self._epoch_sum += value
-            self._epoch_count += 1
+        if outputs is None:
+            return
+        # With several updates per call (model.steps_per_call) the step returns every update's cost.
+        costs = outputs.get("costs", outputs["loss"]) if isinstance(outputs, dict) else outputs
+        for value in costs.reshape(-1).tolist():
+            if self._per_step(trainer):
+                self._check(trainer, pl_module, value)
+            else:
+                self._epoch_sum += value
+                self._epoch_count += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._per_step(trainer) and self._epoch_count:

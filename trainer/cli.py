@@ -29,7 +29,9 @@ DEFAULT_ROOT = "runs"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": DEFAULT_ROOT, "name": "handgrad", "default_hp_metric": False},
+        # max_queue: the event writer's thread takes events in bursts instead of one handoff per point
+        # (with its default of 10, logging the cost of a tiny model's update costs more than the update).
+        "init_args": {"save_dir": DEFAULT_ROOT, "name": "handgrad", "default_hp_metric": False, "max_queue": 1000},
     },
     "log_every_n_steps": 1,  # every update is a point on the cost curve
     "max_epochs": -1,  # the convergence stop (or max_steps) ends a run, not an epoch count

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from trainer.steps import StepGroups
+
 
 class DataError(ValueError):
     """Bad data or data settings; the message says what, where, and what to do instead."""
@@ -161,6 +163,7 @@ class TensorData(L.LightningDataModule):
     """
 
     classification: bool = False
+    steps_per_call: int = 1  # batches handed to each training_step call; the model sets it (trainer/steps.py)
 
     def __init__(
         self, batch_size: int | None = None, val_fraction: float = 0.2, seed: int = 0, shuffle: bool = True
@@ -254,8 +257,8 @@ class TensorData(L.LightningDataModule):
         for logger in self.trainer.loggers:
             logger.log_metrics({"data/effective_batch_size": float(total)}, step=0)
 
-    def train_dataloader(self) -> IndexBatches:
-        return IndexBatches(
+    def train_dataloader(self) -> IndexBatches | StepGroups:
+        batches = IndexBatches(
             self.x_train,
             self.y_train,
             self.batch_size,
@@ -264,6 +267,7 @@ class TensorData(L.LightningDataModule):
             rank=self.rank,
             world_size=self.world_size,
         )
+        return batches if self.steps_per_call == 1 else StepGroups(batches, self.steps_per_call)
 
     def _eval_batches(self, x: Tensor, y: Tensor) -> IndexBatches | list:
         return IndexBatches(x, y, self.batch_size, shuffle=False) if x.shape[0] else []

@@ -1,18 +1,23 @@
 """BackpropModule: Lightning around the hand-written math.
 
-One training step, with no autograd anywhere in it:
+One update (``update``), with no autograd anywhere in it:
     pred = model(x)                        forward, caching what backward needs
     cost = loss(pred, y)
-    model.backward(loss.backward())        the chain rule by hand, output layer first
+    model.backward(loss.backward())        the chain rule by hand, output layer first, written over the
+                                           .grad buffers of the last update (no zero_grad)
     all-reduce the gradients and cost      only under DDP: autograd never ran, so DDP's hooks did not fire
     opt.step()                             SGD: p ← p − lr·∂C/∂p; Lightning counts the update
-    log cost                               a tensor: no host sync inside the step
+
+A ``training_step`` call makes one update per batch it is given: one, or k with ``steps_per_call``
+(trainer/steps.py). The costs stay tensors until the end of the call, then go to the loggers at their
+own steps in one host sync.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -22,6 +27,7 @@ from torch import Tensor
 from models import LOSSES, MLP, REDUCTIONS, make_loss
 from models.activations import ACTIVATIONS
 from trainer.sgd import SGD
+from trainer.steps import StepGroup
 
 INITS = ("default", "zeros")
 
@@ -52,6 +58,8 @@ class BackpropModule(L.LightningModule):
         init: ``default`` (the init of ``torch.nn.Linear``) or ``zeros``.
         slope, intercept: a straight line's starting m and c (``hidden: []`` with one input and one output).
         in_features, out_features: the widths of the data, linked from the data module by the CLI.
+        steps_per_call: updates per ``training_step`` call (k ≥ 1): for tiny models, whose update costs less
+            than one pass of Lightning's loop. The updates are those of k = 1; see ``trainer/steps.py``.
 
     Raises:
         ConfigError: for any setting outside its valid range, naming the key.
@@ -72,10 +80,15 @@ class BackpropModule(L.LightningModule):
         intercept: float | None = None,
         in_features: int = 1,
         out_features: int = 1,
+        steps_per_call: int = 1,
     ) -> None:
         super().__init__()
         hidden = list(hidden)
         self._validate(hidden, activation, output_activation, loss, reduction, lr, momentum, weight_decay, init)
+        if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or steps_per_call < 1:
+            raise ConfigError(
+                f"model.steps_per_call = {steps_per_call!r} is invalid: use an integer ≥ 1 (1 is one update per call)"
+            )
         self.save_hyperparameters(
             {
                 "hidden": hidden,
@@ -91,6 +104,7 @@ class BackpropModule(L.LightningModule):
                 "intercept": intercept,
                 "in_features": int(in_features),
                 "out_features": int(out_features),
+                "steps_per_call": steps_per_call,
             }
         )
         self.automatic_optimization = False
@@ -99,6 +113,7 @@ class BackpropModule(L.LightningModule):
         self.classification = loss == "cross_entropy"
         self._initialise(init, slope, intercept)
         self.stop_reason: str | None = None
+        self._last_flush = 0.0  # time.monotonic() of the loggers' last flush (_log_each_update)
 
     @staticmethod
     def _validate(hidden, activation, output_activation, loss, reduction, lr, momentum, weight_decay, init) -> None:
@@ -154,20 +169,46 @@ class BackpropModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
-        """Forward, cost and the hand-written backward; ∂C/∂θ accumulates into each ``.grad``. Returns the cost."""
+    def forward_backward(self, x: Tensor, y: Tensor, accumulate: bool = True) -> Tensor:
+        """Forward, cost and the hand-written backward; ∂C/∂θ accumulates into each ``.grad`` (or, with
+        ``accumulate=False``, is written over it in place: zero_grad and backward in one). Returns the cost."""
+        with torch.no_grad():
+            return self._forward_backward(x, y, accumulate)
+
+    def _forward_backward(self, x: Tensor, y: Tensor, accumulate: bool) -> Tensor:
+        model, loss = self.model, self.loss
         if x.shape[0] == 0:
             # An empty shard under DDP (a last global batch smaller than the world): it adds nothing.
-            for p in self.model.parameters():
-                p.grad = torch.zeros_like(p)
-            self._last_pred = x.new_zeros(0, self.hparams.out_features)
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                elif not accumulate:
+                    p.grad.zero_()
+            if self.classification:
+                self._last_pred = x.new_zeros(0, self.hparams.out_features)
             return x.new_zeros(())
-        with torch.no_grad():
-            pred = self.model(x)  # (N, K)
-            cost = self.loss(pred, y)
-            self.model.backward(self.loss.backward())
-        self._last_pred = pred
+        pred = model(x)  # (N, K)
+        cost = loss(pred, y)
+        # input_grad=False: x is the data, so ∂C/∂x is never needed (autograd skips it too)
+        model.backward(loss.backward(), accumulate=accumulate, input_grad=False)
+        if self.classification:
+            self._last_pred = pred  # for the accuracy; an attribute write on a Module is not free, so only here
         return cost
+
+    def update(self, x: Tensor, y: Tensor, optimizer_step: Callable[[], object]) -> tuple[Tensor, Tensor | None]:
+        """One update on the batch (x, y), as ``training_step`` makes it; returns the cost and, for
+        classification, the accuracy (0-d tensors, over all ranks under DDP; no host sync).
+
+        Forward, cost, backward written over the last update's ``.grad`` buffers (so no zero_grad), the
+        all-reduce under DDP, then ``optimizer_step()``: Lightning's ``self.optimizers().step`` (which
+        counts the update and runs its hooks) or, outside that, our ``SGD.update`` (the benchmark).
+        """
+        with torch.no_grad():  # one context around the whole update: no autograd anywhere in it
+            cost = self._forward_backward(x, y, accumulate=False)
+            correct = (self._last_pred.argmax(1) == y).sum() if self.classification else None
+            cost, accuracy = self.sync_gradients(cost, x.shape[0], correct)  # the cost over all ranks
+            optimizer_step()
+        return cost, accuracy
 
     def sync_gradients(
         self, cost: Tensor, num_examples: int, correct: Tensor | None = None
@@ -188,9 +229,8 @@ class BackpropModule(L.LightningModule):
             The cost and the accuracy (None without ``correct``) over all ranks; on one process, the
             cost as it is and correct / n.
         """
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return cost, None if correct is None else correct / num_examples
+        if not (dist.is_available() and dist.is_initialized()) or self._trainer is None or self.trainer.world_size <= 1:
+            return cost, None if correct is None else correct / num_examples  # one process: the usual case
         params = list(self.model.parameters())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         size = sum(g.numel() for g in grads)
@@ -211,19 +251,83 @@ class BackpropModule(L.LightningModule):
             p.grad = g.view_as(p)
         return flat[size], None if correct is None else flat[size + 2] / total
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def setup(self, stage: str) -> None:
+        """Tell the data module how many batches each training_step call takes (``steps_per_call``)."""
+        if stage != "fit":
+            return
+        k = self.hparams.steps_per_call
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "steps_per_call"):
+            dm.steps_per_call = k  # also 1: a data module reused after a run with k > 1 goes back to one batch
+        elif k > 1:
+            raise ConfigError(
+                f"model.steps_per_call = {k} needs one of handgrad's data modules (trainer.data), which hand "
+                "over k batches per call; use steps_per_call: 1 with other data"
+            )
+
+    def training_step(self, batch: tuple[Tensor, Tensor] | StepGroup, batch_idx: int) -> dict[str, Tensor] | None:
+        """One update per batch: the one batch, or each of a ``StepGroup``'s k (``steps_per_call``).
+
+        All but the last update of a call use our SGD directly and are counted here; the last goes through
+        Lightning's optimizer step, which counts it and runs its hooks (``on_before_optimizer_step``).
+        Every update's cost is logged at its own step (see ``_log_each_update``).
+        """
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        cost = self.forward_backward(x, y)
-        correct = (self._last_pred.argmax(1) == y).sum() if self.classification else None
-        cost, accuracy = self.sync_gradients(cost, x.shape[0], correct)  # the cost over all ranks
-        opt.step()
-        self.log("train/cost", cost, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        if accuracy is not None:
-            self.log("train/accuracy", accuracy, on_step=True, batch_size=x.shape[0])
+        first = self.trainer.global_step
+        batches = batch.batches if isinstance(batch, StepGroup) else [batch]
+        if self.trainer.max_steps >= 0:
+            batches = batches[: max(self.trainer.max_steps - first, 0)]  # never past max_steps
+        costs, accuracies = [], []
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            cost, accuracy = self.update(x, y, opt.step if last else opt.optimizer.update)
+            costs.append(cost)
+            if not last:
+                self._count_update()
+            if accuracy is not None:
+                accuracies.append(accuracy)
         self._last_pred = None
-        return cost
+        if not costs:
+            return None
+        series = {"train/cost": torch.stack(costs)}  # (k,), on the device
+        if accuracies:
+            series["train/accuracy"] = torch.stack(accuracies)
+        self._log_each_update(first, series)
+        cost = series["train/cost"][-1]
+        # The last cost for the progress bar and trainer.callback_metrics (what EarlyStopping and checkpoints
+        # monitor); the loggers got every value already. Lightning's self.log costs about 0.3 ms a call.
+        self.log("train/cost", cost, prog_bar=True, logger=False, on_step=True, batch_size=batches[-1][0].shape[0])
+        return {"loss": cost, "costs": series["train/cost"]}
+
+    def _count_update(self) -> None:
+        """Count an update made without Lightning's optimizer wrapper, as the wrapper does: global_step is
+        the manual-optimization loop's count of completed optimizer steps."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _log_each_update(self, first_step: int, series: dict[str, Tensor]) -> None:
+        """Write update i's values to the loggers at step first_step + i, every ``log_every_n_steps``.
+
+        The steps are those Lightning's own ``self.log`` would give (the update count before the update),
+        but a whole call's values take one host sync, and the loggers are flushed (``logger.save()``) at
+        most once a second, where Lightning's logging flushes after every step.
+        """
+        if not self.loggers:
+            return
+        names = list(series)
+        rows = torch.stack([series[name] for name in names], 1).tolist()  # (k, names): the call's one host sync
+        every = self.trainer.log_every_n_steps
+        for i, row in enumerate(rows):
+            step = first_step + i
+            if (step + 1) % every == 0:  # Lightning's rule for which steps to log
+                for logger in self.loggers:
+                    logger.log_metrics(dict(zip(names, row, strict=True)), step=step)
+        now = time.monotonic()
+        if now - self._last_flush >= 1.0 or self.trainer.should_stop:
+            self._last_flush = now
+            for logger in self.loggers:
+                logger.save()
 
     @staticmethod
     def _accuracy(logits: Tensor, y: Tensor) -> Tensor:

@@ -50,18 +50,33 @@ class SGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 cost = closure()
+        self.update()
+        return cost
+
+    def update(self) -> None:
+        """The update itself, for every parameter that has a gradient: what ``step`` does after its closure.
+
+        Called directly it skips what ``torch.optim.Optimizer`` wraps around ``step`` (profiler ranges and
+        step hooks), which costs more than the whole update of a tiny model.
+        """
+        if torch.is_grad_enabled():  # the update is not differentiated; callers in no_grad skip this
+            with torch.no_grad():
+                return self.update()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in group["params"]]
+            if any(g is None for g in grads):  # a parameter that got no gradient is left as it is
+                params = [p for p, g in zip(group["params"], grads, strict=True) if g is not None]
+                grads = [g for g in grads if g is not None]
+            else:
+                params = group["params"]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
             if weight_decay:
                 grads = torch._foreach_add(grads, params, alpha=weight_decay)  # g + λ·p
             if momentum:
                 grads = self._velocity(params, grads, momentum)
             torch._foreach_add_(params, grads, alpha=-lr)  # p ← p − lr·g: the step size is lr·g
-        return cost
 
     def _velocity(self, params: list[Tensor], grads: list[Tensor], momentum: float) -> list[Tensor]:
         """v ← μ·v + g (v = g on the first step), kept per parameter in the optimizer state."""

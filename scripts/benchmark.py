@@ -1,0 +1,660 @@
+"""Our hand-written step and training loop, side by side with torch.nn + autograd and a bare loop.
+
+    python scripts/benchmark.py                  the full run (a few minutes on 2 CPU cores)
+    python scripts/benchmark.py --quick          the same comparisons, fewer repeats (≤ 60 s on 2 cores)
+    python scripts/benchmark.py --json out.json  also write every raw measurement
+    python scripts/benchmark.py --only step.line,memory.mlp_l
+
+Every ratio is ours ÷ reference, lower is better. Each comparison runs in this one process, after
+warm-ups, in interleaved repeats (A B B A, then B A A B, …); the ratio is the median over the repeats of
+each repeat's own ratio, so a slow patch of a shared machine falls on both sides of it. Both sides start
+from the same weights and see the same data; threads are fixed (``--threads``, default 1: with two cores
+shared with other work, a second thread mostly waits for the busy one). On the CPU the clock is the
+process's CPU time, all its threads together (so TensorBoard's writer thread counts against the loop), which
+leaves out the time spent waiting for a core; ``--clock wall`` reads wall time instead. On a GPU the step
+is timed by a pair of CUDA events, the loops by wall time after a synchronize.
+
+    step.<case>   our update (forward, cost, hand-written backward, SGD) ÷ the same model from torch.nn,
+                  trained by autograd and torch.optim.SGD (torch's default settings, the fastest here)
+    floor.mlp_l   our update ÷ the matrix products it makes, timed alone with the same shapes and layouts
+    loop.<case>   time per update through Trainer.fit (TensorBoard logging on) ÷ a bare loop making the
+                  same updates on the same data
+    memory.mlp_l  bytes our layers keep for backward ÷ bytes autograd saves for backward
+
+A new comparison is one function registered with ``@comparison("name", target)`` that returns a
+``Result``; ``--only`` picks comparisons by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout, without installing
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from models import Linear  # noqa: E402
+from trainer.module import BackpropModule  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# The models compared
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model and its data: widths, activations, loss, how many examples and the batch size."""
+
+    widths: tuple[int, ...]
+    activation: str
+    output_activation: str | None
+    loss: str
+    examples: int
+    batch_size: int | None  # None: the whole set each step
+    lr: float
+    steps_per_call: int = 1  # model.steps_per_call in loop.<case>: 256 for the line, whose update is tiny
+
+    @property
+    def batch(self) -> int:
+        return self.examples if self.batch_size is None else self.batch_size
+
+    def module(self, device: torch.device) -> BackpropModule:
+        torch.manual_seed(0)
+        module = BackpropModule(
+            hidden=list(self.widths[1:-1]),
+            activation=self.activation,
+            output_activation=self.output_activation,
+            loss=self.loss,
+            lr=self.lr,
+            in_features=self.widths[0],
+            out_features=self.widths[-1],
+            steps_per_call=self.steps_per_call,
+        )
+        return module.to(device)
+
+    def data(self, n: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, self.widths[0], generator=gen)
+        if self.loss == "cross_entropy":
+            y = torch.randint(0, self.widths[-1], (n,), generator=gen)
+        else:
+            y = torch.rand(n, self.widths[-1], generator=gen)  # in (0, 1): a sigmoid output can reach it
+        return x.to(device), y.to(device)
+
+
+CASES: dict[str, Case] = {
+    "line": Case((1, 1), "identity", None, "squared_error", 1000, None, 0.01, steps_per_call=256),
+    "chain": Case((1, 1, 1), "sigmoid", "sigmoid", "squared_error", 1000, None, 0.5),
+    "mlp_s": Case((2, 64, 64, 1), "tanh", None, "squared_error", 1024, 64, 0.05),
+    "mlp_l": Case((784, 1024, 1024, 10), "sigmoid", None, "cross_entropy", 4096, 512, 0.1),
+}
+
+NN_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "identity": nn.Identity,
+}
+
+
+def reference_of(module: BackpropModule) -> tuple[nn.Sequential, nn.Module, torch.optim.SGD]:
+    """The same model from torch.nn with the same weights, its loss, and torch.optim.SGD (torch's defaults)."""
+    hp = module.hparams
+    layers: list[nn.Module] = []
+    for layer in module.model:
+        if isinstance(layer, Linear):
+            layers.append(nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None))
+        else:
+            layers.append(NN_ACTIVATIONS[type(layer).__name__.lower()]())
+    device = next(module.parameters()).device
+    reference = nn.Sequential(*layers).to(device)
+    reference.load_state_dict(module.model.state_dict())
+    if hp.loss == "cross_entropy":
+        loss: nn.Module = nn.CrossEntropyLoss()
+    elif hp.out_features == 1:
+        loss = nn.MSELoss()  # for one output the mean over examples of Σₖ is the usual MSE
+    else:
+        loss = _MeanOverExamples()
+    return reference, loss, torch.optim.SGD(reference.parameters(), lr=hp.lr)
+
+
+class _MeanOverExamples(nn.Module):
+    """(1/N) Σₙ Σₖ (ŷ − y)²: our SquaredError(mean) for several outputs."""
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return nn.functional.mse_loss(pred, target, reduction="sum") / pred.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clocks and the A/B harness
+
+
+class Clock:
+    """Seconds per call of ``fn``.
+
+    On a GPU: a pair of CUDA events (device time). On the CPU, ``cpu`` (the default) reads the process's
+    CPU time, all its threads together: on a machine shared with other work it leaves out the time this
+    process waits for a core, which wall time counts as ours or theirs at random. ``wall`` reads
+    ``time.perf_counter``.
+    """
+
+    def __init__(self, device: torch.device, kind: str = "cpu") -> None:
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda events" if self.cuda else kind
+        self.now = time.process_time if kind == "cpu" else time.perf_counter
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def stamp(self) -> float:
+        """A time stamp for the loops, which span many calls: on a GPU, wall time after a synchronize."""
+        self.sync()
+        return time.perf_counter() if self.cuda else self.now()
+
+    def time(self, fn: Callable[[], Any], calls: int) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        t0 = self.now()
+        for _ in range(calls):
+            fn()
+        return (self.now() - t0) / calls
+
+
+@dataclass
+class Result:
+    """One comparison: ours and the reference, the ratio, and every raw measurement."""
+
+    name: str
+    ours: float
+    reference: float
+    ratio: float
+    unit: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
+
+
+def interleaved(
+    name: str,
+    ours: Callable[[], Any],
+    reference: Callable[[], Any],
+    clock: Clock,
+    repeats: int,
+    calls: int,
+    warmup: int,
+) -> Result:
+    """Time ``ours`` and ``reference`` in interleaved quads, A B B A then B A A B, after ``warmup`` calls
+    of each; each letter is ``calls`` calls.
+
+    A quad's ratio (A₁ + A₂) ÷ (B₁ + B₂) cancels any slow drift of the machine across it; the ratio
+    reported is the median over the quads, the times the medians of each side's per-quad mean.
+    """
+    for _ in range(warmup):
+        ours()
+        reference()
+    clock.sync()
+    rows: list[dict[str, Any]] = []
+    quads: list[tuple[float, float]] = []
+    for r in range(repeats):
+        order = ["ours", "reference", "reference", "ours"] if r % 2 == 0 else ["reference", "ours", "ours", "reference"]
+        got: dict[str, list[float]] = {"ours": [], "reference": []}
+        for side in order:
+            seconds = clock.time(ours if side == "ours" else reference, calls)
+            got[side].append(seconds)
+            rows.append({"comparison": name, "side": side, "repeat": r, "calls": calls, "seconds": seconds})
+        quads.append((statistics.fmean(got["ours"]), statistics.fmean(got["reference"])))
+    return Result(
+        name,
+        statistics.median(o for o, _ in quads),
+        statistics.median(t for _, t in quads),
+        statistics.median(o / t for o, t in quads),
+        "s",
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry of comparisons
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    quick: bool
+    clock: Clock
+    workdir: Path
+
+    def scale(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    target: float
+    run: Callable[[Settings], Result]
+
+
+COMPARISONS: dict[str, Comparison] = {}
+
+
+def comparison(name: str, target: float) -> Callable[[Callable[[Settings], Result]], Callable[[Settings], Result]]:
+    """Register ``fn(settings) -> Result`` as the comparison ``name``, met when its ratio is ≤ ``target``."""
+
+    def register(fn: Callable[[Settings], Result]) -> Callable[[Settings], Result]:
+        if name in COMPARISONS:
+            raise ValueError(f"comparison {name!r} is registered twice")
+        COMPARISONS[name] = Comparison(name, target, fn)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------------------
+# step.<case>: our update against autograd + torch.optim.SGD
+
+
+def step_functions(case: Case, device: torch.device) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """(ours, reference): one update each on the same batch, from the same initial weights."""
+    module = case.module(device).train()
+    optimizer = module.configure_optimizers()
+    x, y = case.data(case.batch, device)
+    reference, loss, reference_optimizer = reference_of(module)
+
+    def ours() -> Tensor:
+        return module.update(x, y, optimizer.update)
+
+    def theirs() -> Tensor:
+        reference_optimizer.zero_grad()  # set_to_none, torch's default
+        cost = loss(reference(x), y)
+        cost.backward()
+        reference_optimizer.step()
+        return cost
+
+    return ours, theirs
+
+
+def _step(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Callable[[Settings], Result]:
+    def run(s: Settings) -> Result:
+        case = CASES[case_name]
+        ours, theirs = step_functions(case, s.device)
+        repeats, calls = quick if s.quick else full
+        return interleaved(f"step.{case_name}", ours, theirs, s.clock, repeats, calls, warmup=max(2, calls))
+
+    return run
+
+
+comparison("step.line", 0.4)(_step("line", (21, 200), (41, 500)))
+comparison("step.chain", 0.4)(_step("chain", (21, 200), (41, 500)))
+comparison("step.mlp_s", 0.7)(_step("mlp_s", (21, 100), (41, 300)))
+comparison("step.mlp_l", 0.97)(_step("mlp_l", (15, 1), (25, 2)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# floor.mlp_l: our update against its matrix products alone
+
+
+def matrix_products(module: BackpropModule, batch: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """The operands of every matrix product our update makes, with their shapes and memory layouts:
+    forward x Wᵀ per layer; backward gᵀ x (∂C/∂W) per layer and g W (∂C/∂x) for all but the first."""
+    gen = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    products = []
+    linears = module.model.linears
+    for i, layer in enumerate(linears):
+        weight = layer.weight.detach()  # (O, I)
+        x, g = randn(batch, layer.in_features), randn(batch, layer.out_features)
+        products.append((x, weight.t()))  # forward: (N, I) @ (I, O)
+        products.append((g.t(), x))  # ∂C/∂W: (O, N) @ (N, I)
+        if i > 0:
+            products.append((g, weight))  # ∂C/∂x: (N, O) @ (O, I)
+    return products
+
+
+@comparison("floor.mlp_l", 1.05)
+def floor_mlp_l(s: Settings) -> Result:
+    case = CASES["mlp_l"]
+    ours, _ = step_functions(case, s.device)
+    module = case.module(s.device)
+    products = matrix_products(module, case.batch, s.device)
+
+    def floor() -> None:
+        for a, b in products:
+            torch.mm(a, b)
+
+    repeats = s.scale(11, 25)
+    result = interleaved("floor.mlp_l", ours, floor, s.clock, repeats, 1, warmup=2)
+    result.note = f"{len(products)} matrix products"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memory.mlp_l: bytes kept for backward
+
+
+def _storages(tensors, exclude: set[int]) -> dict[int, int]:
+    """{storage address: bytes} of the tensors, each storage once, leaving out those in ``exclude``."""
+    found: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def saved_by_ours(module: BackpropModule, x: Tensor, y: Tensor, exclude: set[int]) -> dict[int, int]:
+    """What our layers and loss cache in a training forward: the only thing backward reads besides the
+    parameters. Released afterwards."""
+    with torch.no_grad():
+        module.loss(module.model(x), y)
+    layers = [m for m in (*module.model.modules(), module.loss) if getattr(m, "_cache", None) is not None]
+    cached = [t for m in layers for t in m._cache]
+    module.model.release()
+    module.loss.release()
+    return _storages(cached, exclude)
+
+
+def saved_by_autograd(reference: nn.Module, loss: nn.Module, x: Tensor, y: Tensor, exclude: set[int]) -> dict[int, int]:
+    """What autograd saves for backward in the same forward, seen by ``saved_tensors_hooks``."""
+    packed: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        cost = loss(reference(x), y)
+    del cost
+    return _storages(packed, exclude)
+
+
+@comparison("memory.mlp_l", 1.0)
+def memory_mlp_l(s: Settings) -> Result:
+    case = CASES["mlp_l"]
+    module = case.module(s.device).train()
+    reference, loss, _ = reference_of(module)
+    x, y = case.data(case.batch, s.device)
+    params = {p.untyped_storage().data_ptr() for p in (*module.parameters(), *reference.parameters())}
+    ours = saved_by_ours(module, x, y, params)
+    theirs = saved_by_autograd(reference, loss, x, y, params)
+    ours_bytes, theirs_bytes = sum(ours.values()), sum(theirs.values())
+    with_params = sum(saved_by_autograd(reference, loss, x, y, set()).values())
+    rows = [
+        {"comparison": "memory.mlp_l", "side": "ours", "bytes": ours_bytes, "storages": len(ours)},
+        {"comparison": "memory.mlp_l", "side": "reference", "bytes": theirs_bytes, "storages": len(theirs)},
+        {"comparison": "memory.mlp_l", "side": "reference, counting the weights it saves", "bytes": with_params},
+    ]
+    note = "parameters left out on both sides; each storage counted once"
+    return Result("memory.mlp_l", ours_bytes, theirs_bytes, ours_bytes / theirs_bytes, "B", rows, note)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loop.<case>: Trainer.fit against a bare loop
+
+
+class _Synthetic:
+    """Builds a TensorData subclass over the case's random data (imported lazily: it needs lightning)."""
+
+    @staticmethod
+    def datamodule(case: Case):
+        from trainer.data import TensorData
+
+        class CaseData(TensorData):
+            classification = case.loss == "cross_entropy"
+
+            def make(self) -> tuple[Tensor, Tensor]:
+                return case.data(case.examples, torch.device("cpu"), seed=self.seed)
+
+        return CaseData(batch_size=case.batch_size, val_fraction=0.0, seed=0)
+
+
+def fit_seconds_per_update(case: Case, s: Settings, calls: int, warmup_calls: int) -> float:
+    """Time per update inside Trainer.fit, in steady state: from the end of call ``warmup_calls`` to
+    the end of the last call, over the updates made in between."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from trainer.callbacks import Convergence
+    from trainer.cli import TRAINER_DEFAULTS
+
+    class StopWatch(L.Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+
+            self.calls = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.calls += 1
+            if self.calls in (warmup_calls, total_calls):
+                self.marks.append((s.clock.stamp(), trainer.global_step))
+
+    module = case.module(s.device)
+    dm = _Synthetic.datamodule(case)
+    total_calls = warmup_calls + calls
+    watch = StopWatch()
+    # The logger and loop settings of `trainer fit`; no checkpoints and no progress bar (both are
+    # per-run choices: a checkpoint every epoch would be one per update with the whole set as the batch).
+    logger_args = {**TRAINER_DEFAULTS["logger"]["init_args"], "save_dir": str(s.workdir), "name": f"loop{id(watch)}"}
+    trainer = L.Trainer(
+        accelerator="cuda" if s.device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=total_calls * case.steps_per_call,
+        max_epochs=-1,
+        logger=TensorBoardLogger(**logger_args),
+        log_every_n_steps=TRAINER_DEFAULTS["log_every_n_steps"],
+        num_sanity_val_steps=TRAINER_DEFAULTS["num_sanity_val_steps"],
+        callbacks=[Convergence(tol=0.0), watch],  # the CLI's convergence callback, its stop turned off
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, dm)
+    (t0, s0), (t1, s1) = watch.marks
+    return (t1 - t0) / (s1 - s0)
+
+
+def bare_seconds_per_update(case: Case, s: Settings, updates: int, warmup: int) -> float:
+    """Time per update of a bare loop: the same module, optimizer, batches and update, no Trainer."""
+    module = case.module(s.device).train()
+    optimizer = module.configure_optimizers()
+    dm = _Synthetic.datamodule(case)
+    dm.setup("fit")
+    dm.x_train, dm.y_train = dm.x_train.to(s.device), dm.y_train.to(s.device)
+    batches = dm.train_dataloader()
+
+    def stream():
+        while True:
+            yield from batches
+
+    feed = stream()
+    for _ in range(warmup):
+        x, y = next(feed)
+        module.update(x, y, optimizer.update)
+    t0 = s.clock.stamp()
+    for _ in range(updates):
+        x, y = next(feed)
+        module.update(x, y, optimizer.update)
+    return (s.clock.stamp() - t0) / updates
+
+
+def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Callable[[Settings], Result]:
+    def run(s: Settings) -> Result:
+        case = CASES[case_name]
+        repeats, calls = quick if s.quick else full
+        warmup_calls = 3
+        updates = calls * case.steps_per_call
+        rows, pairs = [], []
+        for r in range(repeats):
+            got = {}
+            sides = ["fit", "bare"] if r % 2 == 0 else ["bare", "fit"]
+            for side in sides:
+                if side == "fit":
+                    got[side] = fit_seconds_per_update(case, s, calls, warmup_calls)
+                else:
+                    got[side] = bare_seconds_per_update(case, s, updates, warmup_calls * case.steps_per_call)
+                rows.append(
+                    {
+                        "comparison": f"loop.{case_name}",
+                        "side": "ours" if side == "fit" else "reference",
+                        "repeat": r,
+                        "updates": updates,
+                        "seconds": got[side],
+                    }
+                )
+            pairs.append((got["fit"], got["bare"]))
+        return Result(
+            f"loop.{case_name}",
+            statistics.median(o for o, _ in pairs),
+            statistics.median(t for _, t in pairs),
+            statistics.median(o / t for o, t in pairs),
+            "s",
+            rows,
+            note=f"steps_per_call={case.steps_per_call}",
+        )
+
+    return run
+
+
+comparison("loop.line", 2.0)(_loop("line", (5, 16), (7, 40)))
+comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (5, 10), (7, 20)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def _quiet() -> None:
+    from trainer.cli import _quiet_warnings
+
+    _quiet_warnings()
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _format_value(value: float, unit: str) -> str:
+    if unit == "B":
+        return f"{value / 2**20:9.2f} MiB"
+    for scale, suffix in ((1e-6, "µs"), (1e-3, "ms"), (1.0, "s ")):
+        if value < 1000 * scale:
+            return f"{value / scale:9.1f} {suffix}"
+    return f"{value:9.1f} s "
+
+
+def format_table(results: list[Result], header: str) -> str:
+    lines = [header, ""]
+    lines.append(f"{'comparison':<14} {'ours':>12} {'reference':>12} {'ratio':>7} {'target':>7}  met  note")
+    lines.append("-" * 80)
+    for r in results:
+        target = COMPARISONS[r.name].target
+        met = "yes" if r.ratio <= target else "NO"
+        lines.append(
+            f"{r.name:<14} {_format_value(r.ours, r.unit):>12} {_format_value(r.reference, r.unit):>12} "
+            f"{r.ratio:7.3f} {target:7.2f}  {met:<4} {r.note}"
+        )
+    lines.append("")
+    lines.append("ratios (ours ÷ reference, lower is better):")
+    for r in results:
+        lines.append(f"  {r.name:<14} {r.ratio:.3f}  (target ≤ {COMPARISONS[r.name].target:g})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: ≤ 60 s on 2 CPU cores")
+    parser.add_argument("--json", metavar="FILE", help="write device, torch, threads, ratios and every raw row")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on both sides (default 1)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="on the CPU: process CPU time (default; robust on a shared machine) or wall time",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--only", default=None, help="comma-separated comparison names, e.g. step.line,loop.line")
+    args = parser.parse_args(argv)
+
+    names = list(COMPARISONS)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in COMPARISONS]
+        if unknown:
+            print(f"error: --only: unknown comparison {', '.join(unknown)}; choose from {', '.join(COMPARISONS)}")
+            return 2
+    if args.threads < 1:
+        print(f"error: --threads {args.threads}: use a number of threads ≥ 1")
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA GPU is available here; use --device cpu")
+        return 2
+    torch.set_num_threads(args.threads)
+    _quiet()
+
+    started = time.perf_counter()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="handgrad-bench-") as workdir:
+        settings = Settings(device, args.quick, Clock(device, args.clock), Path(workdir))
+        for name in names:
+            t0 = time.perf_counter()
+            result = COMPARISONS[name].run(settings)
+            results.append(result)
+            print(f"  {name:<14} ratio {result.ratio:.3f}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+    elapsed = time.perf_counter() - started
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    mode = "quick" if args.quick else "full"
+    header = (
+        f"handgrad benchmark  device={device} ({device_name})  torch={torch.__version__}  "
+        f"threads={torch.get_num_threads()}  clock={settings.clock.kind}  {mode}  {elapsed:.0f} s"
+    )
+    print()
+    print(format_table(results, header))
+    if args.json:
+        report = {
+            "device": str(device),
+            "device_name": device_name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "clock": settings.clock.kind,
+            "quick": args.quick,
+            "seconds": elapsed,
+            "ratios": {r.name: r.ratio for r in results},
+            "targets": {r.name: COMPARISONS[r.name].target for r in results},
+            "met": {r.name: r.ratio <= COMPARISONS[r.name].target for r in results},
+            "rows": [row for r in results for row in r.rows]
+            + [
+                {"comparison": r.name, "summary": True, "ours": r.ours, "reference": r.reference, "unit": r.unit}
+                for r in results
+            ],
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

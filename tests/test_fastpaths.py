@@ -1,0 +1,482 @@
+"""Every fast path of the training step equals the plain path it replaces.
+
+The fast paths: gradients written over the kept ``.grad`` buffers (``accumulate=False``) instead of zero_grad
+and accumulate; no ∂C/∂input for the first layer (``input_grad=False``); Sigmoid's fused backward; caches
+that hold references (a Linear's input and the activation's output below it are one storage); the
+softmax-minus-one-hot cache of the cross-entropy; ``SGD.update`` without torch's step wrapper;
+``BackpropModule.update`` as one step; and several updates per ``training_step`` call (``steps_per_call``).
+Each is checked against the plain path or autograd, bit for bit where the claim is bit-exactness.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models import MLP, Linear, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh
+from trainer.callbacks import Convergence
+from trainer.data import RegressionData
+from trainer.module import BackpropModule, ConfigError
+from trainer.sgd import SGD
+from trainer.steps import StepGroup, StepGroups
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float64, torch.float32]
+
+
+def randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def grads(module: torch.nn.Module) -> list[Tensor]:
+    return [p.grad.clone() for p in module.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# accumulate=False and input_grad=False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_written_over_equals_zero_grad_then_backward_bit_for_bit(dtype: torch.dtype, bias: bool) -> None:
+    torch.manual_seed(0)
+    fast = Linear(7, 5, bias=bias).to(dtype)
+    plain = copy.deepcopy(fast)
+    kept = None
+    for round_ in range(3):  # the first round allocates, the next ones write over the same buffers
+        x, g = randn(round_, 11, 7, dtype=dtype), randn(10 + round_, 11, 5, dtype=dtype)
+        plain.zero_grad(set_to_none=True)
+        plain(x)
+        plain_input = plain.backward(g)
+        fast(x)
+        fast_input = fast.backward(g, accumulate=False)
+        assert torch.equal(fast_input, plain_input)
+        for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        if kept is None:
+            kept = [p.grad for p in fast.parameters()]
+        assert all(p.grad is k for p, k in zip(fast.parameters(), kept, strict=True))  # no new tensors
+
+
+def test_accumulate_true_still_adds_like_autograd() -> None:
+    torch.manual_seed(0)
+    layer = Linear(3, 2).double()
+    reference = copy.deepcopy(layer)
+    for round_ in range(2):
+        x, g = randn(round_, 4, 3), randn(5 + round_, 4, 2)
+        layer(x)
+        layer.backward(g)  # the default: accumulate, as autograd does
+        reference(x).backward(g)
+    for p, q in zip(layer.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
+def test_mlp_fast_backward_equals_plain_backward_bit_for_bit(activation: str) -> None:
+    torch.manual_seed(0)
+    fast = MLP([3, 6, 5, 2], activation, "sigmoid").double()
+    plain = copy.deepcopy(fast)
+    for round_ in range(2):
+        x, g = randn(round_, 8, 3), randn(20 + round_, 8, 2)
+        plain.zero_grad(set_to_none=True)
+        plain(x)
+        plain.backward(g)
+        fast(x)
+        assert fast.backward(g, accumulate=False, input_grad=False) is None  # no ∂C/∂x for the data
+        for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+
+
+def test_nested_sequential_passes_the_options_down() -> None:
+    torch.manual_seed(0)
+    inner = Sequential(Linear(2, 3), Tanh())
+    fast = Sequential(inner, Linear(3, 1)).double()
+    plain = copy.deepcopy(fast)
+    x, g = randn(0, 4, 2), randn(1, 4, 1)
+    for model in (fast, plain):
+        model(x)
+        model.backward(g)  # round 1 fills .grad
+    plain.zero_grad(set_to_none=True)
+    plain(x)
+    plain.backward(g)
+    fast(x)
+    assert fast.backward(g, accumulate=False, input_grad=False) is None
+    for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused Sigmoid backward and the caches
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_fused_backward_equals_the_formula(dtype: torch.dtype) -> None:
+    x, g = randn(0, 64, 9, dtype=dtype) * 4, randn(1, 64, 9, dtype=dtype)
+    layer = Sigmoid()
+    y = layer(x)
+    fused = layer.backward(g)
+    plain = g * y * (1 - y)  # the formula written out, three passes
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fused, plain, rtol=4 * eps, atol=4 * eps * g.abs().max().item())
+
+
+def test_linear_and_the_activation_below_it_cache_one_storage() -> None:
+    torch.manual_seed(0)
+    model = MLP([3, 5, 2], "sigmoid").double()
+    x = randn(0, 4, 3)
+    with torch.no_grad():
+        model(x)
+    first, activation, second = model
+    assert first._cache[0] is x  # a reference to the input, not a copy
+    assert second._cache[0] is activation._cache[0]  # σ's output is the next layer's input: kept once
+    model.release()
+
+
+def test_cache_is_detached_when_forward_runs_under_autograd() -> None:
+    model = MLP([2, 3, 1], "tanh").double()
+    x = randn(0, 4, 2).requires_grad_(True)
+    model(x)
+    cached = [t for layer in model for t in layer._cache]
+    assert cached and not any(t.requires_grad for t in cached)
+    model.release()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_cache_gives_autograds_gradient(reduction: str) -> None:
+    logits, target = randn(0, 9, 4) * 5, torch.randint(0, 4, (9,), generator=torch.Generator().manual_seed(1))
+    loss = SoftmaxCrossEntropy(reduction)
+    cost = loss(logits, target)
+    (cached,) = loss._cache
+    assert cached.shape == logits.shape  # one (N, K) tensor: no logits, lse or targets kept
+    grad = loss.backward(2.5)
+    reference = logits.clone().requires_grad_(True)
+    reference_cost = F.cross_entropy(reference, target, reduction=reduction)
+    (2.5 * reference_cost).backward()
+    torch.testing.assert_close(cost, reference_cost.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, reference.grad, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SGD.update and BackpropModule.update
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.5, 0.01)])
+def test_sgd_update_equals_step_and_torch_sgd(momentum: float, weight_decay: float) -> None:
+    params = [torch.nn.Parameter(randn(i, 4, 3)) for i in range(2)]
+    direct = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours_step = SGD(params, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    ours_update = SGD(direct, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    theirs = torch.optim.SGD(reference, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    for round_ in range(3):
+        for group in (params, direct, reference):
+            for i, p in enumerate(group):
+                p.grad = randn(100 * round_ + i, 4, 3)
+        ours_step.step()
+        ours_update.update()
+        theirs.step()
+    for p, q, r in zip(params, direct, reference, strict=True):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-14)
+
+
+def _module(**overrides) -> BackpropModule:
+    torch.manual_seed(0)
+    settings = {"hidden": [6, 5], "activation": "sigmoid", "lr": 0.3, "in_features": 2, "out_features": 3}
+    settings.update(overrides)
+    return BackpropModule(**settings).double()
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "cross_entropy"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_module_update_equals_the_plain_step_bit_for_bit(loss: str, momentum: float) -> None:
+    fast = _module(loss=loss, momentum=momentum)
+    plain = copy.deepcopy(fast)
+    fast_opt, plain_opt = fast.configure_optimizers(), plain.configure_optimizers()
+    for round_ in range(4):
+        x = randn(round_, 10, 2)
+        y = randn(50 + round_, 10, 3) if loss == "squared_error" else torch.arange(10) % 3
+        plain_opt.zero_grad(set_to_none=True)  # the plain step: zero, accumulate, step
+        plain_cost = plain.forward_backward(x, y)
+        plain_opt.step()
+        cost, _ = fast.update(x, y, fast_opt.update)
+        assert torch.equal(cost, plain_cost)
+        for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+def test_module_update_matches_autograd_and_torch_sgd() -> None:
+    fast = _module()
+    reference = torch.nn.Sequential(
+        torch.nn.Linear(2, 6), torch.nn.Sigmoid(), torch.nn.Linear(6, 5), torch.nn.Sigmoid(), torch.nn.Linear(5, 3)
+    ).double()
+    reference.load_state_dict(fast.model.state_dict())
+    opt, reference_opt = fast.configure_optimizers(), torch.optim.SGD(reference.parameters(), lr=0.3)
+    for round_ in range(4):
+        x, y = randn(round_, 10, 2), randn(50 + round_, 10, 3)
+        fast.update(x, y, opt.update)
+        reference_opt.zero_grad()
+        (F.mse_loss(reference(x), y, reduction="sum") / 10).backward()  # SquaredError(mean): 1/N Σₙ Σₖ
+        reference_opt.step()
+    for p, q in zip(fast.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several updates per call
+
+
+class _Batches:
+    """An epoch iterable like IndexBatches: ``m`` labelled batches per epoch, epochs counted."""
+
+    def __init__(self, m: int) -> None:
+        self.m, self.epoch, self.state = m, 0, {"epoch": 0}
+
+    def __len__(self) -> int:
+        return self.m
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter([(torch.tensor([self.epoch]), torch.tensor([i])) for i in range(self.m)])
+
+    def state_dict(self):
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state) -> None:
+        self.epoch = state["epoch"]
+
+
+def _labels(group: StepGroup) -> list[tuple[int, int]]:
+    assert isinstance(group, StepGroup)
+    return [(int(x), int(y)) for x, y in group]
+
+
+@pytest.mark.parametrize(("m", "k"), [(5, 2), (5, 5), (3, 4), (6, 3)])
+def test_step_groups_cut_each_epoch_in_order_never_across_its_end(m: int, k: int) -> None:
+    groups = StepGroups(_Batches(m), k)
+    assert len(groups) == -(-m // k) and not groups.full_batch
+    for epoch in (1, 2):
+        got = [_labels(group) for group in groups]
+        assert [len(g) for g in got] == [min(k, m - i) for i in range(0, m, k)]
+        assert [pair for g in got for pair in g] == [(epoch, i) for i in range(m)]
+
+
+def test_step_groups_repeat_a_full_batch_k_times_one_epoch_each() -> None:
+    batches = _Batches(1)
+    groups = StepGroups(batches, 4)
+    assert len(groups) == 1 and groups.full_batch
+    (group,) = list(groups)
+    assert _labels(group) == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert groups.state_dict() == batches.state_dict() == {"epoch": 4}
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True, "2"])
+def test_step_groups_and_the_model_key_reject_bad_counts(k) -> None:
+    with pytest.raises(ValueError, match="steps_per_call"):
+        StepGroups(_Batches(2), k)
+    with pytest.raises(ConfigError, match="model.steps_per_call"):
+        BackpropModule(steps_per_call=k)
+
+
+def _quiet() -> None:
+    from trainer.cli import _quiet_warnings
+
+    _quiet_warnings()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _fit(
+    tmp_path: Path,
+    name: str,
+    k: int,
+    batch_size: int | None,
+    max_steps: int,
+    tol: float = 0.0,
+    log_every: int = 1,
+    module_class: type[BackpropModule] = BackpropModule,
+):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    _quiet()
+    torch.manual_seed(0)
+    dm = RegressionData(n=50, batch_size=batch_size, val_fraction=0.2, noise=0.1)
+    module = module_class(hidden=[4], activation="tanh", lr=0.1, steps_per_call=k)
+    convergence = Convergence(tol=tol, patience=3)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=TensorBoardLogger(str(tmp_path), name=name, default_hp_metric=False),
+        log_every_n_steps=log_every,
+        callbacks=[convergence],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, dm)
+    return trainer, module, convergence
+
+
+def _cost_events(log_dir: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/cost")]
+
+
+@pytest.mark.parametrize(("batch_size", "max_steps"), [(None, 10), (16, 11)])
+def test_steps_per_call_makes_the_same_updates_and_logs_them_at_the_same_steps(
+    tmp_path: Path, batch_size: int | None, max_steps: int
+) -> None:
+    # Full batch: a call is 4 epochs. Mini-batches of 16 from 40 examples: 3 a epoch, so calls of 3; 11
+    # updates end mid-call, which must stop at max_steps exactly.
+    one, one_module, one_conv = _fit(tmp_path, "one", 1, batch_size, max_steps)
+    four, four_module, four_conv = _fit(tmp_path, "four", 4, batch_size, max_steps)
+    assert one.global_step == four.global_step == max_steps
+    for p, q in zip(one_module.parameters(), four_module.parameters(), strict=True):
+        assert torch.equal(p, q)
+    ones, fours = _cost_events(one.logger.log_dir), _cost_events(four.logger.log_dir)
+    assert [s for s, _ in fours] == [s for s, _ in ones] == list(range(max_steps))
+    torch.testing.assert_close(torch.tensor([v for _, v in fours]), torch.tensor([v for _, v in ones]))
+    assert four_conv.previous == one_conv.previous  # the convergence check saw the same costs
+    if batch_size is not None:
+        assert four.current_epoch == one.current_epoch  # with mini-batches an epoch is still one pass
+
+
+class _LoggedByLightning(BackpropModule):
+    """The reference for our logging: one update per call, its cost through Lightning's own self.log."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        cost, _ = self.update(x, y, self.optimizers().step)
+        self.log("train/cost", cost, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return cost
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+@pytest.mark.parametrize("k", [1, 4])
+def test_costs_are_logged_at_the_steps_and_values_lightning_logs(tmp_path: Path, k: int, log_every: int) -> None:
+    ours, _, _ = _fit(tmp_path, f"ours{k}", k, None, 10, log_every=log_every)
+    theirs, _, _ = _fit(tmp_path, "lightning", 1, None, 10, log_every=log_every, module_class=_LoggedByLightning)
+    assert _cost_events(ours.logger.log_dir) == _cost_events(theirs.logger.log_dir)
+    assert ours.callback_metrics["train/cost"].ndim == 0  # the last cost, for callbacks and the progress bar
+
+
+def test_steps_per_call_convergence_checks_every_update(tmp_path: Path) -> None:
+    one, _, _ = _fit(tmp_path, "one", 1, None, 400, tol=1e-3)
+    four, _, _ = _fit(tmp_path, "four", 4, None, 400, tol=1e-3)
+    assert one.global_step < 400, "the reference run should converge before max_steps"
+    # The stop is decided at the same update; the call it falls in runs to its end.
+    assert four.global_step == -(-one.global_step // 4) * 4
+
+
+def test_a_data_module_reused_with_one_step_per_call_hands_over_single_batches(tmp_path: Path) -> None:
+    from trainer.data import IndexBatches
+
+    _quiet()
+    dm = RegressionData(n=20, batch_size=None)
+    for k, loader_type in ((4, StepGroups), (1, IndexBatches)):
+        trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(BackpropModule(steps_per_call=k), dm)
+        assert type(trainer.train_dataloader) is loader_type and trainer.global_step == 4
+
+
+def test_steps_per_call_needs_handgrads_data_modules() -> None:
+    _quiet()
+    module = BackpropModule(steps_per_call=2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.zeros(4, 1)))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match="steps_per_call = 2 needs one of handgrad's"):
+        warnings.simplefilter("ignore")  # Lightning's note that there is no validation data
+        trainer.fit(module, train_dataloaders=data)
+
+
+def test_steps_per_call_from_the_cli(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "trainer", "fit", "--config", "configs/line.yaml"]
+    args += ["--model.steps_per_call", "8", "--trainer.max_steps", "20", "--progress_bar.refresh_rate", "0"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--convergence.tol", "0"]
+    run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (summary_path,) = tmp_path.glob("line/version_*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["steps"] == 20
+    assert [s for s, _ in _cost_events(str(summary_path.parent))] == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark's own accounting
+
+
+def _benchmark():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    return benchmark
+
+
+def test_memory_counts_each_storage_once_and_leaves_out_parameters() -> None:
+    benchmark = _benchmark()
+    module = BackpropModule(hidden=[8, 6], activation="sigmoid", loss="cross_entropy", in_features=5, out_features=3)
+    reference, loss, _ = benchmark.reference_of(module)
+    x, y = torch.randn(7, 5), torch.arange(7) % 3
+    params = {p.untyped_storage().data_ptr() for p in (*module.parameters(), *reference.parameters())}
+    ours = benchmark.saved_by_ours(module, x, y, params)
+    theirs = benchmark.saved_by_autograd(reference, loss, x, y, params)
+    # What backward needs: the input, each hidden activation once, and one (N, K) tensor for the loss.
+    needed = (7 * 5 + 7 * 8 + 7 * 6 + 7 * 3) * 4
+    assert sum(ours.values()) == needed
+    assert sum(ours.values()) <= sum(theirs.values())
+    assert all(layer._cache is None for layer in module.model)  # released after counting
+
+
+def test_benchmark_reports_json_and_rejects_unknown_names(tmp_path: Path, capsys) -> None:
+    benchmark = _benchmark()
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--quick", "--only", "step.line,memory.mlp_l", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "threads", "ratios", "rows"} <= set(report)
+    assert set(report["ratios"]) == {"step.line", "memory.mlp_l"}
+    assert all(r > 0 for r in report["ratios"].values())
+    assert report["threads"] == torch.get_num_threads() == 1
+    timed = [row for row in report["rows"] if row.get("comparison") == "step.line" and "seconds" in row]
+    assert {row["side"] for row in timed} == {"ours", "reference"} and all(row["seconds"] > 0 for row in timed)
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("wrote")
+    assert "ratios" in printed and printed.index("ratios") > printed.index("memory.mlp_l")
+    assert benchmark.main(["--only", "step.nothing"]) == 2
+    assert "unknown comparison step.nothing" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_paths_on_cuda_equal_the_cpu_plain_path() -> None:
+    fast = _module().cuda()
+    plain = copy.deepcopy(fast).cpu()
+    opt, plain_opt = fast.configure_optimizers(), plain.configure_optimizers()
+    for round_ in range(3):
+        x, y = randn(round_, 10, 2), randn(50 + round_, 10, 3)
+        fast.update(x.cuda(), y.cuda(), opt.update)
+        plain_opt.zero_grad(set_to_none=True)
+        plain.forward_backward(x, y)
+        plain_opt.step()
+    for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-10, atol=1e-12)
