@@ -21,7 +21,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trainer.callbacks import Convergence, Summary
 from trainer.data import TensorData
+from trainer.figures import Figures
+from trainer.live_gradcheck import GradientCheck, GradientCheckError
 from trainer.module import BackpropModule
+from trainer.monitor import Histograms, Monitor
 from trainer.progress import StepProgressBar
 
 DEFAULT_ROOT = "runs"
@@ -87,6 +90,10 @@ class HandgradCLI(LightningCLI):
         parser.add_lightning_class_args(Summary, "summary")
         parser.add_lightning_class_args(StepProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
+        parser.add_lightning_class_args(Monitor, "monitor")
+        parser.add_lightning_class_args(GradientCheck, "gradcheck")
+        parser.add_lightning_class_args(Histograms, "histograms")
+        parser.add_lightning_class_args(Figures, "figures")
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.out_features", "model.out_features", apply_on="instantiate")
 
@@ -124,7 +131,10 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
 
 def main(args: list[str] | None = None) -> None:
     """The console script ``trainer``."""
-    make_cli(args)
+    try:
+        make_cli(args)
+    except GradientCheckError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":
