@@ -5,6 +5,8 @@ trainer fit --config configs/line.yaml --model.lr 0.05     any key can be overri
 trainer fit --config configs/line.yaml --ckpt_path last    resume the newest run of this config
 trainer validate | test | predict --config … --ckpt_path …
 trainer fit --config configs/line.yaml --print_config      the resolved config
+trainer check --config configs/line.yaml                   hand-written gradients against autograd and
+                                                           finite differences, on the config's model and data
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
 
 def main(args: list[str] | None = None) -> None:
     """The console script ``trainer``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["check"]:
+        from trainer.check import run_check
+
+        raise SystemExit(run_check(argv[1:]))
     try:
         make_cli(args)
     except GradientCheckError as exc:
