@@ -259,7 +259,7 @@ class Figures(L.Callback):
         max_overhead: float = 0.02,
         at_end: bool = True,
         dpi: int = 100,
-        resolution: int = 150,
+        resolution: int = 120,
     ) -> None:
         if dpi < 10 or resolution < 2:
             raise ValueError(f"figures.dpi = {dpi} and figures.resolution = {resolution}: use dpi ≥ 10, resolution ≥ 2")

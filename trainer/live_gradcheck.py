@@ -32,6 +32,7 @@ from torch import Tensor
 
 from models.gradcheck import tolerance
 from models.layer import Layer
+from trainer.monitor import log_scalars
 
 
 class GradientCheckError(RuntimeError):
@@ -189,8 +190,7 @@ class GradientCheck(L.Callback):
         worst = max(rows, key=lambda r: r.worst / r.tol)
         self.history.append((step, worst.worst))
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"gradcheck/max_rel_error": max(r.worst for r in rows)}, step=step)
+            log_scalars(trainer, {"gradcheck/max_rel_error": max(r.worst for r in rows)}, step)
         if not worst.ok:
             raise GradientCheckError(failure_message(rows, step))
 
