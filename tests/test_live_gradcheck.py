@@ -150,3 +150,27 @@ def test_a_correct_gradient_at_the_optimum_is_not_flagged():
         p.grad = g.float()
     rows = live_check(model, loss, x, y, generator=torch.Generator().manual_seed(0))
     assert all(r.ok for r in rows), rows
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("config", "steps"), [("configs/line.yaml", "0"), ("configs/mlp_classification.yaml", "300")])
+def test_on_the_gpu_the_check_passes_and_the_pictures_are_drawn(tmp_path, config, steps):
+    """On the real device: the check at every update (the line to convergence), figures, and the summary."""
+    extra = ["--trainer.max_steps", steps] if steps != "0" else []
+    run = fit(
+        config,
+        tmp_path,
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.devices",
+        "1",
+        "--gradcheck.every_n_steps",
+        "1",
+        *extra,
+    )
+    acc = events(run)
+    errors = scalars(acc, "gradcheck/max_rel_error")
+    assert len(errors) == summary(run)["steps"] and max(errors.values()) <= 1e-5
+    assert acc.Tags()["images"]
+    assert summary(run)["final_train_cost"] is not None

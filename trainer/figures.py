@@ -52,6 +52,7 @@ class Canvas:
 
         for axis in (self.ax.xaxis, self.ax.yaxis):
             axis.set_major_locator(MaxNLocator(5))  # fewer tick labels: text is most of a full draw
+        # titles are set with an explicit y, so a draw skips the layout pass that would place them
         self.moving: list[Any] = []
         self._background = None
 
@@ -142,7 +143,7 @@ class FitFigure(Canvas):
         handles, labels = ax.get_legend_handles_labels()
         unique = {label: h for h, label in zip(handles, labels, strict=True)}
         ax.legend(unique.values(), unique.keys(), loc="best", fontsize="small", frameon=False)
-        self.title = self.move(ax.set_title(" "))
+        self.title = self.move(ax.set_title(" ", y=1.0, pad=6))
 
     def draw(self, curve: np.ndarray, title: str) -> np.ndarray:
         """``curve``: the model at ``xs`` (M, K)."""
@@ -177,7 +178,7 @@ class CostSurfaceFigure(Canvas):
         costs = quadratic.costs(ms, cs)  # (90, 90) C(m, c)
         lowest, highest = quadratic.cost, costs.max().item()
         # contours at costs spaced geometrically above the optimum: the ellipses close in on it evenly
-        levels = lowest + (highest - lowest) * np.geomspace(1e-3, 1.0, 12)
+        levels = lowest + (highest - lowest) * np.geomspace(3e-3, 1.0, 10)
         ax = self.ax
         ax.contour(ms.numpy(), cs.numpy(), costs.numpy(), levels=levels, cmap="viridis", linewidths=0.9)
         ax.plot([m_opt], [c_opt], marker="*", ms=13, color="#d62728", ls="none", label="least squares")
@@ -189,7 +190,7 @@ class CostSurfaceFigure(Canvas):
         ax.set_xlabel("slope m")
         ax.set_ylabel("intercept c")
         ax.legend(loc="best", fontsize="small", frameon=False)
-        self.title = self.move(ax.set_title(" "))
+        self.title = self.move(ax.set_title(" ", y=1.0, pad=6))
 
     def draw(self, path: np.ndarray, title: str) -> np.ndarray:
         """``path``: the (slope, intercept) after every update so far (T, 2), the start first."""
@@ -232,7 +233,7 @@ class DecisionRegionsFigure(Canvas):
         ax.set_ylim(extent[2], extent[3])
         ax.set_xlabel("x₁")
         ax.set_ylabel("x₂")
-        self.title = self.move(ax.set_title(" "))
+        self.title = self.move(ax.set_title(" ", y=1.0, pad=6))
 
     def draw(self, classes: np.ndarray, title: str) -> np.ndarray:
         """``classes``: the predicted class at each grid point (resolution, resolution), row = x₂."""

@@ -132,10 +132,10 @@ class Monitor(L.Callback):
         bound = self.lr_bound
         lam = self.quadratic.hessian_eigenvalues().max().item()
         return (
-            f"model.lr = {lr:g} is at or above {bound:.4g}, the largest learning rate at which gradient descent "
-            f"converges on this data (2(1 + momentum)/(λ_max + weight_decay), λ_max = {lam:.4g} the largest "
-            f"eigenvalue of the cost's Hessian): the cost will grow instead of shrinking. "
-            f"Use a learning rate below {bound:.4g}, e.g. --model.lr {bound / 2:.3g}"
+            f"model.lr = {lr:g} is at or above {bound:.4g}, the learning rate from which gradient descent diverges "
+            f"on this data: 2(1 + momentum)/(λ_max + weight_decay), λ_max = {lam:.4g} the largest eigenvalue of the "
+            f"cost's Hessian. The cost will grow instead of shrinking. Use a learning rate below {bound:.4g}, "
+            f"e.g. --model.lr {bound / 2:.3g}"
         )
 
     # ------------------------------------------------------------------ every update
