@@ -200,3 +200,12 @@ def test_runs_without_a_logger(tmp_path):
         ]
     )
     assert not list(run_dir.rglob("events.out.tfevents*"))
+
+
+def test_scalars_share_the_steps_of_the_cost_when_logging_less_often(tmp_path):
+    run = fit("configs/line.yaml", tmp_path, "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5")
+    acc = events(run)
+    steps = sorted(scalars(acc, "train/cost"))
+    assert len(steps) == 4
+    for tag in ("params/slope", "train/grad_norm", "train/optimum_gap", "train/lr"):
+        assert sorted(scalars(acc, tag)) == steps, tag

@@ -142,7 +142,8 @@ class Monitor(L.Callback):
 
     def _due(self, trainer: L.Trainer, step: int) -> bool:
         n = trainer.log_every_n_steps if self.every_n_steps is None else self.every_n_steps
-        return bool(n) and step % n == 0 and trainer.is_global_zero and bool(trainer.loggers)
+        # the steps Lightning logs train/cost at (label k when (k + 1) % n == 0), so the curves line up
+        return bool(n) and (step + 1) % n == 0 and trainer.is_global_zero and bool(trainer.loggers)
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
