@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from trainer.module import ConfigError
+
 
 class TimeBudget:
     """Meter optional work by update count and by its share of wall time.
@@ -25,7 +27,7 @@ class TimeBudget:
         clock: seconds, monotonic (a fake one in tests).
 
     Raises:
-        ValueError: for a negative ``every_n_steps`` or a ``max_overhead`` outside (0, 1].
+        ConfigError: for a negative ``every_n_steps`` or a ``max_overhead`` outside (0, 1].
     """
 
     def __init__(
@@ -36,9 +38,11 @@ class TimeBudget:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"{key}.every_n_steps = {every_n_steps!r} is invalid: use an integer ≥ 0 (0 turns it off)")
+            raise ConfigError(
+                f"{key}.every_n_steps = {every_n_steps!r} is invalid: use an integer ≥ 0 (0 turns it off)"
+            )
         if not 0.0 < max_overhead <= 1.0:
-            raise ValueError(f"{key}.max_overhead = {max_overhead!r} is invalid: use a share of the time in (0, 1]")
+            raise ConfigError(f"{key}.max_overhead = {max_overhead!r} is invalid: use a share of the time in (0, 1]")
         self.every_n_steps, self.max_overhead, self.clock = every_n_steps, max_overhead, clock
         self.start()
 

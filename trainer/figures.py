@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from trainer.budget import TimeBudget
+from trainer.module import ConfigError
 from trainer.monitor import tensorboard_writer
 from trainer.optimum import LeastSquares
 
@@ -263,7 +264,9 @@ class Figures(L.Callback):
         resolution: int = 120,
     ) -> None:
         if dpi < 10 or resolution < 2:
-            raise ValueError(f"figures.dpi = {dpi} and figures.resolution = {resolution}: use dpi ≥ 10, resolution ≥ 2")
+            raise ConfigError(
+                f"figures.dpi = {dpi} and figures.resolution = {resolution}: use dpi ≥ 10, resolution ≥ 2"
+            )
         self.budget = TimeBudget(every_n_steps, max_overhead, key="figures")
         self.at_end, self.dpi, self.resolution = at_end, dpi, resolution
         self._writer = None

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from models.gradcheck import tolerance
 from models.layer import Layer
+from trainer.module import ConfigError
 from trainer.monitor import log_scalars
 
 
@@ -157,7 +158,7 @@ class GradientCheck(L.Callback):
 
     def __init__(self, every_n_steps: int = 100, seed: int = 0) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"gradcheck.every_n_steps = {every_n_steps!r} is invalid: use an integer ≥ 0 (0 turns it off)"
             )
         self.every_n_steps, self.seed = every_n_steps, seed

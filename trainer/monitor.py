@@ -29,6 +29,7 @@ from torch import Tensor
 
 from trainer.budget import TimeBudget
 from trainer.callbacks import run_summary
+from trainer.module import ConfigError
 from trainer.optimum import LeastSquares
 
 SCALAR_LIMIT = 16  # models with at most this many numbers get one curve per number (params/<name>)
@@ -96,14 +97,14 @@ class Monitor(L.Callback):
 
     def __init__(self, every_n_steps: int | None = None, warn_lr: bool = True) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 0):
-            raise ValueError(
+            raise ConfigError(
                 f"monitor.every_n_steps = {every_n_steps!r} is invalid: use an integer ≥ 0 (0 turns it off), "
                 "or null for trainer.log_every_n_steps"
             )
         self.every_n_steps, self.warn_lr = every_n_steps, warn_lr
         self.quadratic: LeastSquares | None = None
         self.lr_bound: float | None = None
-        self._pending: tuple[int, float, list[str], Tensor] | None = None
+        self._pending: tuple[int, float, Tensor] | None = None  # (step, lr, the values to read back)
 
     # ------------------------------------------------------------------ before training
 
