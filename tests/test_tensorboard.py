@@ -209,3 +209,21 @@ def test_scalars_share_the_steps_of_the_cost_when_logging_less_often(tmp_path):
     assert len(steps) == 4
     for tag in ("params/slope", "train/grad_norm", "train/optimum_gap", "train/lr"):
         assert sorted(scalars(acc, tag)) == steps, tag
+
+
+@pytest.mark.parametrize(
+    ("config", "images", "linear"),
+    [
+        ("configs/chain.yaml", ["figures/fit"], False),
+        ("configs/mlp_regression.yaml", ["figures/fit"], False),
+        ("configs/csv.yaml", [], True),  # two features: no picture applies, but the closed form does
+    ],
+)
+def test_the_other_configs(tmp_path, config, images, linear):
+    run = fit(config, tmp_path, "--trainer.max_steps", "20")
+    acc = events(run)
+    tags = acc.Tags()
+    assert sorted(tags["images"]) == images
+    assert ("train/optimum_gap" in tags["scalars"]) == linear == ("train/lr_bound" in tags["scalars"])
+    assert {"train/cost", "train/lr", "train/grad_norm", "gradcheck/max_rel_error"} <= set(tags["scalars"])
+    assert max(scalars(acc, "gradcheck/max_rel_error").values()) <= 1e-5

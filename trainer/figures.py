@@ -335,8 +335,8 @@ class Figures(L.Callback):
     @torch.no_grad()
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         dm = trainer.datamodule
-        model = pl_module.model
-        was_training = model.training
+        model, loss = pl_module.model, pl_module.loss
+        modes = (model.training, loss.training)
         model.eval()  # no cache is kept, and nothing of the training step is disturbed
         try:
             if self._fit:
@@ -346,7 +346,8 @@ class Figures(L.Callback):
             if self._regions:
                 self._add("figures/decision_regions", self._draw_regions(dm, pl_module, step), step)
         finally:
-            model.train(was_training)
+            model.train(modes[0])
+            loss.train(modes[1])  # full_cost restores the loss to the model's mode, which is eval here
         self._last_drawn = step
 
     def _add(self, tag: str, image: np.ndarray, step: int) -> None:
