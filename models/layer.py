@@ -23,9 +23,9 @@ class Layer(nn.Module):
         self._cache: tuple[Tensor, ...] | None = None
 
     def _save(self, *tensors: Tensor) -> None:
-        # Only a training forward is followed by a backward; eval passes keep nothing.
-        if self.training:
-            self._cache = tuple(t.detach() for t in tensors)
+        # Only a training forward is followed by a backward; an eval pass keeps nothing (and drops any
+        # cache an earlier training forward left, so that a stale one cannot be consumed).
+        self._cache = tuple(t.detach() for t in tensors) if self.training else None
 
     def _saved(self) -> tuple[Tensor, ...]:
         """Take the cache, releasing it; raise if there was no training forward since the last backward."""

@@ -2,6 +2,7 @@
 
 from trainer.callbacks import Convergence, Summary
 from trainer.data import ClassificationData, CSVData, DataError, IndexBatches, LineData, RegressionData, TensorData
+from trainer.distributed import HandgradDDPStrategy  # registers it as Lightning's "ddp"
 from trainer.module import BackpropModule, ConfigError
 from trainer.sgd import SGD
 
@@ -13,6 +14,7 @@ __all__ = [
     "ConfigError",
     "Convergence",
     "DataError",
+    "HandgradDDPStrategy",
     "IndexBatches",
     "LineData",
     "RegressionData",

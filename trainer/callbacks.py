@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from trainer.optimum import least_squares, squared_error
 
@@ -17,21 +18,30 @@ class Convergence(L.Callback):
     """ "Once the improvement becomes negligible, the gradient descent algorithm stops."
 
     Stops when the relative improvement of the training cost, (C_prev − C) / C_prev, stays below ``tol``
-    for ``patience`` checks in a row. With the whole dataset a step (plain gradient descent) it checks
-    every update; with mini-batches the per-batch cost is noisy, so it checks the epoch's mean cost.
+    for ``patience`` checks in a row. Under DDP the cost it reads is what ``training_step`` returns: the
+    cost over all ranks, from the same all-reduce as the gradients and identical on every rank, so every
+    rank stops at the same step.
 
     Args:
         tol: the relative improvement below which a check counts as negligible; 0 turns the stop off.
         patience: how many negligible checks in a row stop the run.
         min_steps: never stop before this many updates.
+        check: ``step`` checks the cost of every update; ``epoch`` checks each epoch's mean cost; ``auto``
+            (the default) is ``step`` when an epoch is one update (the whole dataset a step, plain gradient
+            descent) and ``epoch`` with mini-batches, whose per-batch cost is too noisy to compare update
+            to update (half the updates of a converging SGD run look like no improvement).
     """
 
-    def __init__(self, tol: float = 1e-7, patience: int = 10, min_steps: int = 0) -> None:
+    CHECKS = ("auto", "step", "epoch")
+
+    def __init__(self, tol: float = 1e-7, patience: int = 10, min_steps: int = 0, check: str = "auto") -> None:
         if not tol >= 0:
             raise ValueError(f"convergence.tol = {tol!r} is invalid: use a value ≥ 0 (0 turns the stop off)")
         if patience < 1:
             raise ValueError(f"convergence.patience = {patience!r} is invalid: use an integer ≥ 1")
-        self.tol, self.patience, self.min_steps = tol, patience, min_steps
+        if check not in self.CHECKS:
+            raise ValueError(f"convergence.check = {check!r} is unknown: choose one of {', '.join(self.CHECKS)}")
+        self.tol, self.patience, self.min_steps, self.check = tol, patience, min_steps, check
         self.best: float | None = None
         self.previous: float | None = None
         self.negligible = 0
@@ -39,7 +49,7 @@ class Convergence(L.Callback):
         self._epoch_count = 0
 
     def _per_step(self, trainer: L.Trainer) -> bool:
-        return trainer.num_training_batches == 1
+        return self.check == "step" or (self.check == "auto" and trainer.num_training_batches == 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         cost = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -92,6 +102,9 @@ def stop_reason(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         return pl_module.stop_reason
     if trainer.interrupted:
         return "interrupted"
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
+            return f"early stopping: {cb.monitor} stopped improving by {cb.min_delta:g} for {cb.patience} checks"
     if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
         return f"max_steps: reached trainer.max_steps={trainer.max_steps}"
     if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
@@ -170,9 +183,9 @@ class Summary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.summary is None:
             self.summary = run_summary(trainer, pl_module)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return
-        log_dir = trainer.log_dir
         if log_dir is not None:
             path = Path(log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +193,12 @@ class Summary(L.Callback):
             tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
             tmp.replace(path)
             self.summary["path"] = str(path)
+        text = format_summary(self.summary)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):  # TensorBoard's Text tab: the stop reason and what was reached
+            experiment.add_text("summary", "    " + text.replace("\n", "\n    "), trainer.global_step)
         if self.verbose:
-            print(format_summary(self.summary))
+            print(text)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -41,11 +41,16 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 20_000,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
+    # Our IndexBatches shard each epoch's order per rank themselves (trainer/data.py); Lightning would only
+    # touch torch DataLoaders anyway, and this makes sure no DistributedSampler reshuffles behind them.
+    "use_distributed_sampler": False,
 }
 
 
 def _quiet_warnings() -> None:
-    """Silence Lightning's advice that does not apply to device-resident, index-batched data."""
+    """Silence Lightning's advice that does not apply to device-resident, index-batched data, and the
+    deprecation notices between Lightning and jsonargparse that no user of this command can act on."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     for pattern in (
         ".*does not have many workers.*",
         ".*on_step=True.*",
@@ -57,6 +62,10 @@ def _quiet_warnings() -> None:
         ".*TensorBoard support.*",
         ".*Total length of .* across ranks is zero.*",
         ".*isinstance.treespec, LeafSpec.*",
+        # With manual optimization a step's checkpoint holds the state after its update, which is what
+        # resuming needs (global_step counts that update).
+        ".*no pre-optimization state was saved.*",
+        ".*The dirpath has changed from.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

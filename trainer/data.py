@@ -8,17 +8,25 @@ them. Shapes: N examples, I features, K targets; classification targets are (N,)
 Batch size: ``None`` (or ≥ N) is the whole training set each step — plain gradient descent; 1 is
 stochastic gradient descent; k is a mini-batch of k. Batches are drawn at random, reshuffled every epoch
 from ``seed``, and so reproducible.
+
+Under DDP ``batch_size`` is per device: a step takes one global batch of ``batch_size × world_size``
+examples from the epoch's order (the very batch one process would take with that batch size), and each
+rank keeps its own contiguous share of it (``shard``). Every rank draws the same order from (seed, epoch),
+so no sampler and no communication is needed, nothing is padded or repeated, and the shares of one step
+differ in size by at most one (a last global batch smaller than the world leaves some ranks empty).
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 
@@ -31,20 +39,36 @@ class IndexBatches:
 
     Args:
         x: inputs (N, I); y: targets (N, K) or (N,).
-        batch_size: examples per step; ``None`` or ≥ N is the whole set (no shuffle: the order of a
-            full batch does not change its mean gradient).
+        batch_size: examples per step on this device; ``None`` or ≥ N is the whole set (no shuffle: the
+            order of a full batch does not change its mean gradient).
         shuffle: draw a fresh random order each epoch (from ``seed`` and the epoch number).
         seed: the base of every epoch's order.
+        rank, world_size: this process's place under DDP. A step's global batch is
+            ``min(batch_size × world_size, N)`` examples of the epoch's order, and this rank yields its
+            ``shard`` of it; every rank yields the same number of batches per epoch.
 
     It keeps its place: ``state_dict()`` holds the epoch and the batches already taken in it, so a
     checkpoint resumes mid-epoch on exactly the next batch.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int | None, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int | None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"IndexBatches: rank {rank} is outside a world of {world_size} processes")
         self.x, self.y = x, y
         n = x.shape[0]
-        self.batch_size = n if batch_size is None else min(batch_size, n)
-        self.shuffle = shuffle and self.batch_size < n
+        self.rank, self.world_size = rank, world_size
+        per_device = n if batch_size is None else batch_size
+        self.global_batch_size = min(per_device * world_size, n)  # what one process would take per step
+        self.shuffle = shuffle and self.global_batch_size < n
         self.seed = seed
         self.epoch = 0
         self.position = 0  # batches already yielded in the current epoch
@@ -53,15 +77,32 @@ class IndexBatches:
     def num_examples(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def batch_size(self) -> int:
+        """The examples of one step over all ranks (on one process, simply the batch size)."""
+        return self.global_batch_size
+
     def __len__(self) -> int:
-        return math.ceil(self.num_examples / self.batch_size) if self.num_examples else 0
+        return math.ceil(self.num_examples / self.global_batch_size) if self.num_examples else 0
 
     def order(self, epoch: int) -> Tensor | None:
-        """This epoch's permutation of the examples (drawn on the CPU, so the same on every device)."""
+        """This epoch's permutation of the examples (drawn on the CPU, so the same on every device and
+        every rank; one host-to-device copy per epoch)."""
         if not self.shuffle:
             return None
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_examples, generator=gen).to(self.x.device)
+
+    def shard(self, start: int, stop: int) -> tuple[int, int]:
+        """This rank's positions [a, b) of the global batch at positions [start, stop) of the order.
+
+        The m = stop − start positions are cut in ``world_size`` contiguous pieces, the first m mod W one
+        longer (the cut of ``torch.tensor_split``), so together the ranks take each example exactly once.
+        """
+        m, w, r = stop - start, self.world_size, self.rank
+        q, extra = divmod(m, w)
+        a = start + r * q + min(r, extra)
+        return a, a + q + (1 if r < extra else 0)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         # A new epoch starts once the last one has handed out all its batches. Lightning stops asking
@@ -72,20 +113,36 @@ class IndexBatches:
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.order(epoch)
-        bs = self.batch_size
+        bs, n = self.global_batch_size, self.num_examples
         for i in range(start, len(self)):
             self.position = i + 1
+            a, b = self.shard(i * bs, min((i + 1) * bs, n))
             if order is None:
-                yield self.x[i * bs : (i + 1) * bs], self.y[i * bs : (i + 1) * bs]
+                yield self.x[a:b], self.y[a:b]
             else:
-                idx = order[i * bs : (i + 1) * bs]
+                idx = order[a:b]
                 yield self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "global_batch": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        saved = int(state.get("global_batch", self.global_batch_size))
+        if saved != self.global_batch_size and 0 < self.position < len(self):
+            # The batches taken so far were of another size (another batch_size or world size): the
+            # position no longer names a batch of this epoch, so the run goes on from the next epoch.
+            warnings.warn(
+                f"resuming with a global batch of {self.global_batch_size} examples where the checkpoint used "
+                f"{saved}: the interrupted epoch {self.epoch} is skipped and training goes on from the next one",
+                stacklevel=2,
+            )
+            self.position = len(self)
 
 
 class TensorData(L.LightningDataModule):
@@ -95,7 +152,9 @@ class TensorData(L.LightningDataModule):
     regression or long (N,) class indices for classification.
 
     Args:
-        batch_size: examples per update; ``None`` is the whole training set (gradient descent).
+        batch_size: examples per update on each device; ``None`` is the whole training set (gradient
+            descent). Under DDP the effective batch is ``batch_size × world_size`` (at most N), shared out
+            by ``IndexBatches``; validation and test are not sharded (each rank evaluates every example).
         val_fraction: the share of examples held out for validation, in [0, 1).
         seed: the seed of the data, the split and every epoch's batch order.
         shuffle: reshuffle the training batches every epoch.
@@ -114,6 +173,7 @@ class TensorData(L.LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction = {val_fraction!r} is invalid: use a value in [0, 1)")
         self.batch_size, self.val_fraction, self.seed, self.shuffle = batch_size, val_fraction, seed, shuffle
+        self.rank, self.world_size = 0, 1  # learnt from the trainer in setup
         x, y = self.make()
         self._split(x, y)
 
@@ -163,18 +223,47 @@ class TensorData(L.LightningDataModule):
     def task(self) -> str:
         return "classification" if self.classification else "regression"
 
+    @property
+    def effective_batch_size(self) -> int:
+        """The examples of one update over all ranks: ``batch_size × world_size``, at most N."""
+        n = self.x_train.shape[0]
+        return min((n if self.batch_size is None else self.batch_size) * self.world_size, n)
+
     def setup(self, stage: str | None = None) -> None:
         device, dtype = torch.device("cpu"), torch.get_default_dtype()
         if self.trainer is not None:
             device = self.trainer.strategy.root_device
             if str(self.trainer.precision).startswith("64"):
                 dtype = torch.float64
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         for name in ("x_train", "y_train", "x_val", "y_val"):
             t = getattr(self, name)
             setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+        if stage == "fit" and self.trainer is not None:
+            self._log_effective_batch()
+
+    def _log_effective_batch(self) -> None:
+        """Say once (rank 0) how many examples each update averages over, and log it as a scalar."""
+        n, total, world = self.x_train.shape[0], self.effective_batch_size, self.world_size
+        devices = f"{world} device{'s' if world > 1 else ''}"
+        if total == n:
+            how = f"the whole training set, split over {devices}" if world > 1 else "the whole training set"
+        else:
+            how = f"batch_size {self.batch_size} per device × {devices}, of {n} training examples"
+        rank_zero_info(f"effective batch: {total} examples per update ({how})")
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"data/effective_batch_size": float(total)}, step=0)
 
     def train_dataloader(self) -> IndexBatches:
-        return IndexBatches(self.x_train, self.y_train, self.batch_size, shuffle=self.shuffle, seed=self.seed)
+        return IndexBatches(
+            self.x_train,
+            self.y_train,
+            self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def _eval_batches(self, x: Tensor, y: Tensor) -> IndexBatches | list:
         return IndexBatches(x, y, self.batch_size, shuffle=False) if x.shape[0] else []

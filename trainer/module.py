@@ -4,7 +4,7 @@ One training step, with no autograd anywhere in it:
     pred = model(x)                        forward, caching what backward needs
     cost = loss(pred, y)
     model.backward(loss.backward())        the chain rule by hand, output layer first
-    all-reduce the gradients               only under DDP: autograd never ran, so DDP's hooks did not fire
+    all-reduce the gradients and cost      only under DDP: autograd never ran, so DDP's hooks did not fire
     opt.step()                             SGD: p ← p − lr·∂C/∂p; Lightning counts the update
     log cost                               a tensor: no host sync inside the step
 """
@@ -146,11 +146,22 @@ class BackpropModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step
 
+    def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # The logger's step axis is Lightning's count of batches that stepped; with one update per batch it
+        # must equal global_step. Lightning's restart bookkeeping leaves it one ahead after a resume.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
         """Forward, cost and the hand-written backward; ∂C/∂θ accumulates into each ``.grad``. Returns the cost."""
+        if x.shape[0] == 0:
+            # An empty shard under DDP (a last global batch smaller than the world): it adds nothing.
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p)
+            self._last_pred = x.new_zeros(0, self.hparams.out_features)
+            return x.new_zeros(())
         with torch.no_grad():
             pred = self.model(x)  # (N, K)
             cost = self.loss(pred, y)
@@ -158,30 +169,59 @@ class BackpropModule(L.LightningModule):
         self._last_pred = pred
         return cost
 
-    def sync_gradients(self) -> None:
-        """Under DDP: all-reduce every gradient in one flat buffer, SUM then ÷ world size (the mean)."""
+    def sync_gradients(
+        self, cost: Tensor, num_examples: int, correct: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Under DDP: make every rank's ``.grad`` and cost those of the whole global batch, in one all-reduce.
+
+        Autograd never runs, so DDP's hooks never fire: this is the only gradient communication. Rank r
+        holds the gradient g_r of its cost C_r over its n_r examples. For the mean over examples the
+        global batch's gradient is Σ_r n_r g_r / Σ_r n_r, which is SUM ÷ world size when the shards are
+        equal and stays exact when the last batch is uneven (a plain mean of the ranks' means is not);
+        for the sum it is Σ_r g_r. One flat buffer [n_r·g_r, n_r·C_r, n_r, correct_r] is summed over the
+        ranks and divided on the device, so the step makes no host sync.
+
+        Args:
+            cost: this rank's cost (0-d); num_examples: n_r; correct: this rank's count of right classes.
+
+        Returns:
+            The cost and the accuracy (None without ``correct``) over all ranks; on one process, the
+            cost as it is and correct / n.
+        """
         world = self.trainer.world_size if self._trainer is not None else 1
         if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+            return cost, None if correct is None else correct / num_examples
+        params = list(self.model.parameters())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        size = sum(g.numel() for g in grads)
+        tail = cost.new_zeros(3)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), tail])  # (P + 3,)
+        flat[size] = cost
+        flat[size + 1].fill_(num_examples)  # a fill, not a tensor built on the host: no copy, no sync
+        if correct is not None:
+            flat[size + 2] = correct
+        mean = self.hparams.reduction == "mean"
+        if mean:
+            flat[: size + 1].mul_(num_examples)  # n_r·g_r and n_r·C_r: sums over the examples
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        total = flat[size + 1]  # Σ_r n_r, the global batch
+        if mean:
+            flat[: size + 1].div_(total)
+        for p, g in zip(params, flat[:size].split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p)
+        return flat[size], None if correct is None else flat[size + 2] / total
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         cost = self.forward_backward(x, y)
-        self.sync_gradients()
+        correct = (self._last_pred.argmax(1) == y).sum() if self.classification else None
+        cost, accuracy = self.sync_gradients(cost, x.shape[0], correct)  # the cost over all ranks
         opt.step()
         self.log("train/cost", cost, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        if self.classification:
-            self.log("train/accuracy", self._accuracy(self._last_pred, y), on_step=True, batch_size=x.shape[0])
+        if accuracy is not None:
+            self.log("train/accuracy", accuracy, on_step=True, batch_size=x.shape[0])
         self._last_pred = None
         return cost
 
@@ -194,9 +234,13 @@ class BackpropModule(L.LightningModule):
         with torch.no_grad():
             pred = self.model(x)
             cost = self.loss(pred, y)
-        self.log(f"{prefix}/cost", cost, prog_bar=prefix == "val", on_epoch=True, batch_size=x.shape[0])
+        # Evaluation is not sharded (every rank sees every example), so under DDP the sync only confirms
+        # equal values; it keeps Lightning's epoch-level bookkeeping right and costs nothing on one process.
+        sync = self._trainer is not None and self.trainer.world_size > 1
+        self.log(f"{prefix}/cost", cost, prog_bar=prefix == "val", on_epoch=True, batch_size=x.shape[0], sync_dist=sync)
         if self.classification:
-            self.log(f"{prefix}/accuracy", self._accuracy(pred, y), on_epoch=True, batch_size=x.shape[0])
+            accuracy = self._accuracy(pred, y)
+            self.log(f"{prefix}/accuracy", accuracy, on_epoch=True, batch_size=x.shape[0], sync_dist=sync)
         return cost
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
