@@ -174,3 +174,23 @@ def test_on_the_gpu_the_check_passes_and_the_pictures_are_drawn(tmp_path, config
     assert len(errors) == summary(run)["steps"] and max(errors.values()) <= 1e-5
     assert acc.Tags()["images"]
     assert summary(run)["final_train_cost"] is not None
+
+
+def test_under_ddp_the_reference_is_reduced_as_the_step_was(tmp_path):
+    """Two CPU processes, the summed cost and an uneven last batch: the check passes at every update.
+
+    Under DDP the step's gradient is the all-reduced one; the check reduces autograd's gradient with the
+    training step's own all-reduce, so a sum (not a mean) and unequal shards are judged correctly.
+    """
+    from tb_helpers import command
+
+    args = ["fit", "--config", "configs/mlp_classification.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    args += ["--model.reduction", "sum", "--model.lr", "0.002", "--data.n", "1001", "--trainer.max_steps", "14"]
+    args += ["--gradcheck.every_n_steps", "1", "--progress_bar.refresh_rate", "0", "--figures.at_end", "false"]
+    result = command(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = tmp_path.glob("*/version_*")
+    errors = scalars(events(run), "gradcheck/max_rel_error")
+    assert sorted(errors) == list(range(14))  # 801 examples in batches of 64: step 12 is the uneven 33
+    assert max(errors.values()) <= 1e-5

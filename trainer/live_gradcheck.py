@@ -70,7 +70,7 @@ def live_check(
     y: Tensor,
     *,
     generator: torch.Generator | None = None,
-    reduce_mean: Callable[[Tensor], Tensor] | None = None,
+    reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
     reduce_max: Callable[[Tensor], Tensor] | None = None,
 ) -> list[LiveRow]:
     """Compare the ``.grad`` already in ``model``'s parameters, and its backward, with autograd on (x, y).
@@ -80,8 +80,11 @@ def live_check(
         loss: the cost.
         x, y: the batch those gradients were computed on, on the model's device.
         generator: a CPU generator for the random upstream gradient.
-        reduce_mean: averages a flat tensor across processes (DDP), as the training step averaged ``.grad``.
+        reduce_grads: combines per-parameter gradients across processes (DDP) exactly as the training step
+            combined ``.grad``; applied to autograd's gradient of this process's cost.
         reduce_max: the max of a flat tensor across processes, so that every rank reaches the same verdict.
+
+    An empty batch (a DDP rank's empty shard) contributes zero gradients and has no backward to check.
 
     Returns one ``LiveRow`` per parameter. The parameters' ``.grad`` and the model's mode are left as they
     were; autograd's graph and the layers' caches are released.
@@ -89,6 +92,39 @@ def live_check(
     names = [name for name, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if x.shape[0] == 0:
+        zeros = [torch.zeros_like(p) for p in params]
+        step_ref, backward_manual, backward_ref = zeros, zeros, zeros
+    else:
+        step_ref, backward_manual, backward_ref = _autograd_and_manual(model, loss, x, y, params, generator)
+    if reduce_grads is not None:
+        step_ref = reduce_grads(step_ref)
+    with torch.no_grad():
+        stats = []
+        for grad, sref, bman, bref in zip(grads, step_ref, backward_manual, backward_ref, strict=True):
+            stats += [(grad - sref).abs().max(), sref.abs().max(), (bman - bref).abs().max(), bref.abs().max()]
+        stats = torch.stack(stats).to(torch.float64).view(-1, 4)  # per parameter: err, scale, err, scale
+        if reduce_max is not None:
+            stats = reduce_max(stats.reshape(-1)).view(-1, 4)
+        values = stats.tolist()  # the one host transfer
+    rows = []
+    for name, p, (step_err, step_scale, back_err, back_scale) in zip(names, params, values, strict=True):
+        step_scale = max(step_scale, back_scale)  # the size of the summed terms: see the module docstring
+        layer = type(model.get_submodule(name.rpartition(".")[0])).__name__ if "." in name else type(model).__name__
+        rows.append(
+            LiveRow(
+                name,
+                layer,
+                p.dtype,
+                step_err / step_scale if step_scale > 0 else step_err,
+                back_err / back_scale if back_scale > 0 else back_err,
+            )
+        )
+    return rows
+
+
+def _autograd_and_manual(model, loss, x, y, params, generator):
+    """(autograd's ∂C/∂θ of the real cost, the manual backward of a random upstream G, autograd's of G)."""
     was_training = model.training
     model.train()
     loss.train()
@@ -116,32 +152,7 @@ def live_check(
         model.release()
         loss.release()
         model.train(was_training)
-    if reduce_mean is not None:
-        flat = reduce_mean(torch.cat([r.reshape(-1) for r in step_ref]))
-        step_ref = list(torch.split(flat, [p.numel() for p in params]))
-        step_ref = [r.view_as(p) for r, p in zip(step_ref, params, strict=True)]
-    with torch.no_grad():
-        stats = []
-        for grad, sref, bman, bref in zip(grads, step_ref, backward_manual, backward_ref, strict=True):
-            stats += [(grad - sref).abs().max(), sref.abs().max(), (bman - bref).abs().max(), bref.abs().max()]
-        stats = torch.stack(stats).to(torch.float64).view(-1, 4)  # per parameter: err, scale, err, scale
-        if reduce_max is not None:
-            stats = reduce_max(stats.reshape(-1)).view(-1, 4)
-        values = stats.tolist()  # the one host transfer
-    rows = []
-    for name, p, (step_err, step_scale, back_err, back_scale) in zip(names, params, values, strict=True):
-        step_scale = max(step_scale, back_scale)  # the size of the summed terms: see the module docstring
-        layer = type(model.get_submodule(name.rpartition(".")[0])).__name__ if "." in name else type(model).__name__
-        rows.append(
-            LiveRow(
-                name,
-                layer,
-                p.dtype,
-                step_err / step_scale if step_scale > 0 else step_err,
-                back_err / back_scale if back_scale > 0 else back_err,
-            )
-        )
-    return rows
+    return list(step_ref), backward_manual, list(backward_ref)
 
 
 class GradientCheck(L.Callback):
@@ -185,7 +196,7 @@ class GradientCheck(L.Callback):
             x,
             y,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step),
-            reduce_mean=(lambda t: strategy.reduce(t, reduce_op="mean")) if distributed else None,
+            reduce_grads=(lambda grads: _synced(pl_module, grads, x.shape[0])) if distributed else None,
             reduce_max=(lambda t: strategy.reduce(t, reduce_op="max")) if distributed else None,
         )
         worst = max(rows, key=lambda r: r.worst / r.tol)
@@ -194,6 +205,25 @@ class GradientCheck(L.Callback):
             log_scalars(trainer, {"gradcheck/max_rel_error": max(r.worst for r in rows)}, step)
         if not worst.ok:
             raise GradientCheckError(failure_message(rows, step))
+
+
+@torch.no_grad()
+def _synced(pl_module: L.LightningModule, grads: list[Tensor], num_examples: int) -> list[Tensor]:
+    """``grads`` combined across ranks by the training step's own all-reduce (``sync_gradients``).
+
+    The same code that combined ``.grad`` (a weighted mean for uneven shards, a sum for ``reduction: sum``)
+    combines the reference, so the comparison judges the hand-written gradients and not the reduction.
+    """
+    params = list(pl_module.model.parameters())
+    saved = [p.grad for p in params]
+    try:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.detach().clone()
+        pl_module.sync_gradients(grads[0].new_zeros(()), num_examples)
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
 
 
 def failure_message(rows: list[LiveRow], step: int) -> str:
