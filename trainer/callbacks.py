@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
 from trainer.optimum import least_squares, squared_error
@@ -135,6 +136,10 @@ def run_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
         summary["final_train_cost"] = pl_module.full_cost(dm.x_train, dm.y_train)
         if dm.x_val.shape[0]:
             summary["final_val_cost"] = pl_module.full_cost(dm.x_val, dm.y_val)
+    if pl_module.classification and dm is not None and hasattr(dm, "x_train"):
+        summary["final_train_accuracy"] = _accuracy(pl_module, dm.x_train, dm.y_train)
+        if dm.x_val.shape[0]:
+            summary["final_val_accuracy"] = _accuracy(pl_module, dm.x_val, dm.y_val)
     scalars = pl_module.named_scalars()
     if scalars is not None:
         summary["parameters"] = scalars
@@ -157,6 +162,17 @@ def run_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
     return summary
 
 
+@torch.no_grad()
+def _accuracy(pl_module: L.LightningModule, x, y) -> float:
+    """The share of examples whose most likely class is the target, in eval mode (no cache kept)."""
+    model = pl_module.model
+    was_training = model.training
+    model.eval()
+    accuracy = (model(x).argmax(1) == y).double().mean().item()
+    model.train(was_training)
+    return accuracy
+
+
 class Summary(L.Callback):
     """At the end of fit: print a few lines and write ``summary.json`` beside the TensorBoard events."""
 
@@ -164,8 +180,17 @@ class Summary(L.Callback):
         self.filename, self.verbose = filename, verbose
         self.summary: dict[str, Any] | None = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Measured here, while the model is still on its device: by on_fit_end Lightning has moved it to
+        # the CPU, and the data module's tensors are still on the device.
         self.summary = run_summary(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.summary is None:
+            self.summary = run_summary(trainer, pl_module)
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
         if not trainer.is_global_zero:
             return
@@ -193,6 +218,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key in ("final_train_cost", "final_val_cost"):
         if summary.get(key) is not None:
             lines.append(f"{key.removeprefix('final_').replace('_', ' '):<13} {summary[key]:.6g}")
+    if summary.get("final_train_accuracy") is not None:
+        val = summary.get("final_val_accuracy")
+        tail = f"   val {val:.4f}" if val is not None else ""
+        lines.append(f"accuracy      train {summary['final_train_accuracy']:.4f}{tail}")
     optimum = summary.get("optimum", {})
     params = summary.get("parameters")
     if params:

@@ -5,6 +5,8 @@ trainer fit --config configs/line.yaml --model.lr 0.05     any key can be overri
 trainer fit --config configs/line.yaml --ckpt_path last    resume the newest run of this config
 trainer validate | test | predict --config … --ckpt_path …
 trainer fit --config configs/line.yaml --print_config      the resolved config
+trainer check --config configs/line.yaml                   hand-written gradients against autograd and
+                                                           finite differences, on the config's model and data
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trainer.callbacks import Convergence, Summary
 from trainer.data import TensorData
+from trainer.figures import Figures
+from trainer.live_gradcheck import GradientCheck, GradientCheckError
 from trainer.module import BackpropModule
+from trainer.monitor import Histograms, Monitor
 from trainer.progress import StepProgressBar
 
 DEFAULT_ROOT = "runs"
@@ -98,6 +103,10 @@ class HandgradCLI(LightningCLI):
         parser.add_lightning_class_args(Summary, "summary")
         parser.add_lightning_class_args(StepProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
+        parser.add_lightning_class_args(Monitor, "monitor")
+        parser.add_lightning_class_args(GradientCheck, "gradcheck")
+        parser.add_lightning_class_args(Histograms, "histograms")
+        parser.add_lightning_class_args(Figures, "figures")
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.out_features", "model.out_features", apply_on="instantiate")
 
@@ -135,7 +144,15 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
 
 def main(args: list[str] | None = None) -> None:
     """The console script ``trainer``."""
-    make_cli(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["check"]:
+        from trainer.check import run_check
+
+        raise SystemExit(run_check(argv[1:]))
+    try:
+        make_cli(args)
+    except GradientCheckError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

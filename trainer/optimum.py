@@ -6,6 +6,8 @@ solution of [x 1]·θ = y, which ``torch.linalg.lstsq`` gives directly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,3 +31,74 @@ def squared_error(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, reduction:
     diff = pred - y.double().cpu().reshape(pred.shape)
     total = (diff * diff).sum()
     return (total / x.shape[0] if reduction == "mean" else total).item()
+
+
+class LeastSquares:
+    """The squared-error cost of a linear model on fixed data, written as the quadratic it is.
+
+    With θₖ = [Wₖ bₖ] the k-th output's row and A = [x 1] (N, I + 1), the cost is
+    C(θ) = s·Σₖ ‖A θₖᵀ − yₖ‖²  (s = 1/N for ``mean``, 1 for ``sum``), so every quantity the monitor and the
+    figures need follows from the Gram matrix G = AᵀA and the least-squares optimum θ*:
+
+    - the gap to the optimum  C(θ) − C(θ*) = s·Σₖ (θₖ − θₖ*) G (θₖ − θₖ*)ᵀ   (exact: no cancellation);
+    - the Hessian  H = 2s·G for each output (the outputs do not interact), whose largest eigenvalue bounds
+      the learning rate of gradient descent.
+
+    Args:
+        x: inputs (N, I); y: targets (N, K) or (N,); reduction: ``mean`` or ``sum``.
+
+    Everything is kept in float64 on the CPU.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"unknown reduction {reduction!r}: choose mean or sum")
+        a = design(x.double().cpu())  # (N, I + 1)
+        self.num_examples = x.shape[0]
+        self.reduction = reduction
+        self.scale = 1.0 / self.num_examples if reduction == "mean" else 1.0  # s
+        self.gram = a.T @ a  # (I + 1, I + 1)  G = AᵀA
+        self.weight, self.bias = least_squares(x, y)  # (K, I), (K,)
+        self.cost = squared_error(x, y, self.weight, self.bias, reduction)  # C(θ*)
+        self.optimum = torch.cat([self.weight, self.bias.unsqueeze(1)], 1)  # (K, I + 1)  θ*
+
+    def hessian_eigenvalues(self) -> Tensor:
+        """The eigenvalues of one output's Hessian 2s·G, ascending (the K outputs share them)."""
+        return torch.linalg.eigvalsh(2.0 * self.scale * self.gram)
+
+    def lr_bound(self, momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int | None = None) -> float:
+        """The learning rate above which gradient descent on this cost diverges: 2(1 + μ) / (λ_max + λ_wd).
+
+        Along each eigenvector of H the error is multiplied by (1 − lr·λ) per step (plain gradient descent),
+        so it shrinks only while lr·λ < 2; heavy-ball momentum μ widens that to lr·λ < 2(1 + μ). Weight decay
+        adds λ_wd to every eigenvalue. For mini-batches of ``batch_size`` examples under the ``sum``
+        reduction a step sees (on average) batch_size/N of the Hessian, so the bound grows by N/batch_size;
+        under ``mean`` the average batch has the full Hessian.
+        """
+        lam = self.hessian_eigenvalues().max().item()
+        if self.reduction == "sum" and batch_size is not None and batch_size < self.num_examples:
+            lam *= batch_size / self.num_examples
+        lam += weight_decay
+        return math.inf if lam <= 0 else 2.0 * (1.0 + momentum) / lam
+
+    def gap(self, weight: Tensor, bias: Tensor) -> float:
+        """C(W, b) − C(θ*) on the data, exactly (float64 on the CPU)."""
+        theta = torch.cat(
+            [
+                weight.detach().double().cpu().reshape(self.optimum.shape[0], -1),
+                bias.detach().double().cpu().reshape(-1, 1),
+            ],
+            1,
+        )
+        diff = theta - self.optimum  # (K, I + 1)
+        return (self.scale * ((diff @ self.gram) * diff).sum()).item()
+
+    def costs(self, weights: Tensor, biases: Tensor) -> Tensor:
+        """The cost at many (weight, bias) of a one-input, one-output line at once: C* + gap, elementwise.
+
+        ``weights`` and ``biases`` have the same shape (e.g. a grid of slopes and intercepts); float64 CPU.
+        """
+        dm = weights.double() - self.optimum[0, 0]
+        dc = biases.double() - self.optimum[0, 1]
+        g = self.gram
+        return self.cost + self.scale * (g[0, 0] * dm * dm + 2 * g[0, 1] * dm * dc + g[1, 1] * dc * dc)

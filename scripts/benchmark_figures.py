@@ -1,0 +1,148 @@
+"""What the pictures cost: the figures and histograms, timed inside a run and against runs without them.
+
+python scripts/benchmark_figures.py [--quick]
+
+Each config runs a fixed number of updates (the convergence stop off) in three variants, interleaved and
+repeated so that a busy moment of a shared machine hits every variant alike:
+
+- ``bare``: no monitor scalars, no live gradient check, no histograms, no figures;
+- ``scalars``: the monitor's scalars and the live gradient check at their defaults;
+- ``all``: everything at its defaults, figures and histograms included.
+
+Reported per config (medians over the repeats):
+
+- ``share_of_fit``: the seconds the figure and histogram callbacks timed themselves drawing, ÷ the
+  ``all`` variant's ``trainer.fit`` seconds: the strict measure, and the least noisy;
+- ``share_of_run``: the same seconds ÷ the wall time of the whole ``trainer fit`` command (start-up
+  included, timed as a subprocess): what the user waits for;
+- ``ab_overhead``: all ÷ scalars − 1 of the ``trainer.fit`` seconds (noisy on a shared machine);
+- ``scalars_overhead``: scalars ÷ bare − 1, the cost of the monitor and the live gradient check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+OFF_PICTURES = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
+OFF_SCALARS = ["--monitor.every_n_steps", "0", "--gradcheck.every_n_steps", "0"]
+VARIANTS = {"bare": OFF_PICTURES + OFF_SCALARS, "scalars": OFF_PICTURES, "all": []}
+QUIET = ["--convergence.tol", "0", "--progress_bar.refresh_rate", "0", "--summary.verbose", "false"]
+
+
+def _args(config: str, steps: int) -> list[str]:
+    return ["--config", str(ROOT / config), "--trainer.max_steps", str(steps), *QUIET]
+
+
+def _fit(config: str, steps: int, extra: list[str], save_dir: str) -> dict:
+    """One in-process ``trainer fit`` of ``steps`` updates: its seconds and the pictures' own seconds."""
+    from trainer.cli import make_cli
+    from trainer.figures import Figures
+    from trainer.monitor import Histograms
+
+    args = _args(config, steps) + ["--trainer.logger.init_args.save_dir", save_dir, *extra]
+    cli = make_cli(args, run=False)
+    begin = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    seconds = time.perf_counter() - begin
+    figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
+    histograms = next(c for c in cli.trainer.callbacks if isinstance(c, Histograms))
+    return {
+        "seconds": seconds,
+        "pictures_seconds": figures.spent + histograms.budget.spent,
+        "figure_sets": figures.budget.count + (1 if figures.spent_end else 0),
+        "histogram_sets": histograms.budget.count,
+    }
+
+
+def _run(config: str, steps: int, save_dir: str) -> float:
+    """The wall seconds of the whole ``trainer fit`` command, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "trainer", "fit", *_args(config, steps)]
+    args += ["--trainer.logger.init_args.save_dir", save_dir]
+    begin = time.perf_counter()
+    subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
+    return time.perf_counter() - begin
+
+
+def measure(quick: bool = False) -> dict:
+    """Time configs/line.yaml and configs/mlp_classification.yaml with and without the pictures.
+
+    Returns ``{"quick", "repeats", "<config stem>": {...}}`` with, per config: ``steps``, the median
+    ``seconds`` of each variant, ``share_of_fit``, ``share_of_run``, ``ab_overhead``, ``scalars_overhead``,
+    ``pictures_seconds``, ``run_seconds`` and how many figure and histogram sets were drawn.
+    """
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    # the line's own run converges after 630 updates; the classification config runs 2000
+    # the runs' real lengths: the line converges after 630 updates, the classification config runs 2000.
+    # Shorter runs would only inflate the share of the figures drawn once at the start and the end.
+    runs = {"configs/line.yaml": 630, "configs/mlp_classification.yaml": 2000}
+    repeats = 1 if quick else 3
+    out: dict = {"quick": quick, "repeats": repeats}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, steps in runs.items():
+            times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+            pictures, shares, whole = [], [], []
+            last: dict = {}
+            for r in range(repeats):
+                order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+                for name in order:
+                    result = _fit(config, steps, VARIANTS[name], tmp)
+                    times[name].append(result["seconds"])
+                    if name == "all":
+                        last = result
+                        pictures.append(result["pictures_seconds"])
+                        shares.append(result["pictures_seconds"] / result["seconds"])
+                whole.append(_run(config, steps, tmp))
+            median = {name: statistics.median(ts) for name, ts in times.items()}
+            out[Path(config).stem] = {
+                "steps": steps,
+                "seconds": median,
+                "share_of_fit": statistics.median(shares),
+                "share_of_run": statistics.median(pictures) / statistics.median(whole),
+                "ab_overhead": median["all"] / median["scalars"] - 1.0,
+                "scalars_overhead": median["scalars"] / median["bare"] - 1.0,
+                "pictures_seconds": statistics.median(pictures),
+                "run_seconds": statistics.median(whole),
+                "figure_sets": last["figure_sets"],
+                "histogram_sets": last["histogram_sets"],
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat instead of three")
+    args = parser.parse_args(argv)
+    result = measure(args.quick)
+    for name, r in result.items():
+        if not isinstance(r, dict):
+            continue
+        s = r["seconds"]
+        print(
+            f"{name:<19} {r['steps']:>5} steps: pictures {1e3 * r['pictures_seconds']:.0f} ms = "
+            f"{100 * r['share_of_fit']:.1f} % of trainer.fit ({s['all']:.2f} s), "
+            f"{100 * r['share_of_run']:.1f} % of the run ({r['run_seconds']:.2f} s); "
+            f"A/B {100 * r['ab_overhead']:+.1f} %; scalars {100 * r['scalars_overhead']:+.1f} %; "
+            f"{r['figure_sets']} figure sets, {r['histogram_sets']} histogram sets"
+        )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The figures: drawn right, drawn rarely enough, and within their share of the time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.budget import TimeBudget
+from trainer.data import ClassificationData, LineData
+from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure
+from trainer.optimum import LeastSquares, squared_error
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_runs_first_then_pays_back():
+    clock = FakeClock()
+    budget = TimeBudget(every_n_steps=10, max_overhead=0.02, clock=clock)
+    assert budget.due(0)
+    with budget.timed(0):
+        clock.now += 0.1  # the first figures take 0.1 s
+    clock.now += 1.0
+    assert not budget.due(5)  # too few updates since
+    assert not budget.due(10)  # 0.1 + 0.1 s spent would exceed 2 % of 1.1 s
+    clock.now = 10.0
+    assert budget.due(10)  # 0.2 s ≤ 2 % of 10 s
+
+
+@pytest.mark.parametrize(("step_s", "work_s"), [(0.001, 0.03), (0.05, 0.03), (0.0001, 0.2)])
+def test_budget_keeps_the_overhead_below_its_share(step_s, work_s):
+    clock = FakeClock()
+    budget = TimeBudget(every_n_steps=1, max_overhead=0.02, clock=clock)
+    for step in range(20_000):
+        clock.now += step_s
+        if budget.due(step):
+            with budget.timed(step):
+                clock.now += work_s
+    elapsed = clock.now
+    assert budget.count >= 1
+    assert budget.spent <= 0.02 * elapsed + work_s  # within the share, but for the first piece
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(ValueError, match=r"figures.max_overhead = 0 is invalid"):
+        TimeBudget(10, 0, key="figures")
+    with pytest.raises(ValueError, match=r"histograms.every_n_steps = -2 is invalid"):
+        TimeBudget(-2, 0.1, key="histograms")
+    assert not TimeBudget(0, 0.1).due(0)  # 0 turns it off
+
+
+def _fit_figure():
+    dm = LineData()
+    x, y = dm.x_train.numpy(), dm.y_train.numpy()
+    xs = np.linspace(-2.2, 2.2, 200)
+    return FitFigure(x, y, x[:0], y[:0], xs, None, dpi=80), xs
+
+
+def test_a_blitted_frame_is_the_frame_drawn_from_scratch():
+    """Redrawing only what moves gives the same pixels as building the figure for that state."""
+    reused, xs = _fit_figure()
+    reused.draw(np.zeros((200, 1)), "step 0")
+    reused.draw(-xs[:, None], "step 5")
+    blitted = reused.draw(2 * xs[:, None] - 1, "step 9").copy()
+    fresh, _ = _fit_figure()
+    drawn = fresh.draw(2 * xs[:, None] - 1, "step 9")
+    assert blitted.shape == (300, 400, 3) and blitted.dtype == np.uint8
+    np.testing.assert_array_equal(blitted, drawn)
+    assert not np.array_equal(blitted, reused.draw(np.zeros((200, 1)), "step 0"))
+
+
+def test_cost_surface_is_the_squared_error():
+    dm = LineData()
+    quad = LeastSquares(dm.x_train, dm.y_train, "mean")
+    gen = torch.Generator().manual_seed(0)
+    m, c = torch.randn(7, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
+    surface = quad.costs(m, c)
+    for i in range(7):
+        exact = squared_error(dm.x_train, dm.y_train, m[i].reshape(1, 1), c[i].reshape(1), "mean")
+        assert surface[i].item() == pytest.approx(exact, rel=1e-10)
+    figure = CostSurfaceFigure(quad, (1.0, 0.0), dpi=80)
+    path = np.stack([np.linspace(1.0, 1.9, 50), np.linspace(0.0, -1.0, 50)], 1)
+    assert figure.draw(path, "step 49").shape == (300, 400, 3)
+
+
+def test_decision_regions_draw_the_classes():
+    dm = ClassificationData(n=200)
+    x, labels = dm.x_train.numpy(), dm.y_train.numpy()
+    figure = DecisionRegionsFigure(x, labels, 2, (-1.5, 2.5, -1.0, 1.5), resolution=20, dpi=80)
+    zeros = figure.draw(np.zeros((20, 20), dtype=int), "step 0").copy()
+    halves = figure.draw(np.repeat([[0] * 10 + [1] * 10], 20, axis=0), "step 0")
+    assert not np.array_equal(zeros, halves)  # the right half changed class
+
+
+def test_invalid_figure_settings():
+    with pytest.raises(ValueError, match="figures.every_n_steps"):
+        Figures(every_n_steps=-1)
+    with pytest.raises(ValueError, match="figures.dpi"):
+        Figures(dpi=1)
