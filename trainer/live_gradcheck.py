@@ -34,6 +34,7 @@ from models.gradcheck import tolerance
 from models.layer import Layer
 from trainer.module import ConfigError
 from trainer.monitor import log_scalars
+from trainer.steps import StepGroup
 
 
 class GradientCheckError(RuntimeError):
@@ -180,7 +181,17 @@ class GradientCheck(L.Callback):
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batch = batch if self._due(trainer.global_step) else None
+        first = trainer.global_step
+        if not isinstance(batch, StepGroup):
+            self._batch = batch if self._due(first) else None
+            return
+        # Several updates a call (model.steps_per_call): the hooks see only the call's last update, so
+        # check that one whenever a check falls due within the call.
+        used = len(batch)
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            used = min(used, trainer.max_steps - first)
+        due = used > 0 and any(self._due(step) for step in range(first, first + used))
+        self._batch = batch.batches[used - 1] if due else None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if self._batch is None:
