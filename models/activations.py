@@ -38,7 +38,8 @@ class Tanh(Layer):
     # y = tanh(x)  ⇒  ∂C/∂x = g · (1 − y²)
     def backward(self, grad_output: Tensor) -> Tensor:
         (y,) = self._saved()
-        return grad_output * (1 - y * y)
+        # (1 − y)(1 + y), not 1 − y·y: near |y| = 1 the subtraction 1 − y is exact, 1 − y·y cancels y·y's rounding.
+        return grad_output * ((1 - y) * (1 + y))
 
 
 class ReLU(Layer):

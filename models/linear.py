@@ -81,7 +81,7 @@ class Linear(Layer):
         self._accumulate(self.weight, g.t() @ x)  # (O, I)
         if self.bias is not None:
             self._accumulate(self.bias, g.sum(0))  # (O,)
-        return g @ self.weight  # (N, I)
+        return g @ self.weight.detach()  # (N, I); detached: a manual backward builds no autograd graph
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

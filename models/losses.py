@@ -62,7 +62,7 @@ class SquaredError(Loss):
 class SoftmaxCrossEntropy(Loss):
     """C = (1/N) Σₙ −log softmax(zₙ)[yₙ] (``mean``) or the plain Σ, for logits z (N, K) and class indices y (N,).
 
-    Computed as logsumexp(z) − z[y], which is stable for logits of any size.
+    Computed as logsumexp(z − max z) − (z[y] − max z), which is stable and precise for logits of any size.
     """
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -72,17 +72,20 @@ class SoftmaxCrossEntropy(Loss):
                 f"{tuple(logits.shape)} and {tuple(target.shape)}"
             )
         target = target.long()
-        lse = torch.logsumexp(logits, dim=1)  # (N,)
-        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,) z[y]
-        self._save(logits, lse, target)
+        # C is unchanged by a shift of each row, so shift by its max (a constant: no gradient through it). Then
+        # lse − z[y] subtracts small numbers, not two of size |z|, and keeps full precision even at |z| = 1e4.
+        shifted = logits - logits.detach().amax(dim=1, keepdim=True)  # (N, K) z − max z, ≤ 0
+        lse = torch.logsumexp(shifted, dim=1)  # (N,) in [0, log K]
+        picked = shifted.gather(1, target.unsqueeze(1)).squeeze(1)  # (N,) z[y] − max z
+        self._save(shifted, lse, target)
         return (lse - picked).sum() * self._scale(logits.shape[0])
 
     # C = s Σₙ (logsumexp(zₙ) − zₙ[yₙ])  ⇒  ∂C/∂z = s (softmax(z) − onehot(y))
     def backward(self, grad_output: Tensor | float = 1.0) -> Tensor:
-        logits, lse, target = self._saved()
-        grad = torch.exp(logits - lse.unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
+        shifted, lse, target = self._saved()
+        grad = torch.exp(shifted - lse.unsqueeze(1))  # (N, K) softmax, stable: exponent ≤ 0
         grad.scatter_add_(1, target.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-        return grad.mul_(self._scale(logits.shape[0]) * grad_output)
+        return grad.mul_(self._scale(shifted.shape[0]) * grad_output)
 
 
 LOSSES: dict[str, type[Loss]] = {"squared_error": SquaredError, "cross_entropy": SoftmaxCrossEntropy}

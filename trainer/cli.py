@@ -40,7 +40,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 def _quiet_warnings() -> None:
-    """Silence Lightning's advice that does not apply to device-resident, index-batched data."""
+    """Silence Lightning's advice that does not apply to device-resident, index-batched data, and the
+    deprecation notices between Lightning and jsonargparse that no user of this command can act on."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     for pattern in (
         ".*does not have many workers.*",
         ".*on_step=True.*",
