@@ -8,8 +8,8 @@ trainer fit --config configs/line.yaml --print_config      the resolved config
 trainer fit --config configs/line.yaml --debug             full tracebacks (also HANDGRAD_DEBUG=1)
 
 Bad input — a setting, a data file, a checkpoint, a device — is one line on stderr (`error: …`, naming the
-key, file, row, column or value and what to do instead) and exit 2, before anything is written. See
-``trainer.errors``.
+key, file, row, column or value and what to do instead) and exit 2, before anything is written. A run that
+diverges exits 1. See ``trainer.errors``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from trainer.callbacks import Convergence, Summary
 from trainer.data import TensorData
 from trainer.errors import EXIT_INTERRUPTED, CheckpointError, debug_requested, describe
+from trainer.guards import fault_callbacks
 from trainer.module import BackpropModule
 from trainer.preflight import check_checkpoint_matches, check_devices, load_checkpoint
 from trainer.progress import StepProgressBar
@@ -167,7 +168,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
         BackpropModule,
         TensorData,
         subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": fault_callbacks()},
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=args,

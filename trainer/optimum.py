@@ -29,3 +29,23 @@ def squared_error(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, reduction:
     diff = pred - y.double().cpu().reshape(pred.shape)
     total = (diff * diff).sum()
     return (total / x.shape[0] if reduction == "mean" else total).item()
+
+
+def lr_bound(x: Tensor, reduction: str = "mean") -> float:
+    """The largest learning rate at which full-batch gradient descent on a linear least-squares model converges.
+
+    The cost C(θ) = s·‖Aθ − y‖² with A = [x 1] (s = 1/N for ``mean``, 1 for ``sum``) is quadratic with Hessian
+    H = 2s·AᵀA, and the update θ ← θ − lr·∇C shrinks every error component iff |1 − lr·λ| < 1 for every
+    eigenvalue λ of H: lr < 2/λ_max. (The same bound holds for each output of a multi-output model.)
+
+    Args:
+        x: the inputs (N, I) the model is trained on (after any standardization).
+        reduction: ``mean`` or ``sum``, as the loss.
+
+    Returns 2/λ_max(H), computed in float64; ``inf`` when H is zero.
+    """
+    a = design(x.detach().double().cpu())  # (N, I + 1)
+    scale = 1.0 / a.shape[0] if reduction == "mean" else 1.0
+    hessian = 2.0 * scale * (a.T @ a)  # (I + 1, I + 1)
+    lam_max = torch.linalg.eigvalsh(hessian).max().item()
+    return 2.0 / lam_max if lam_max > 0 else float("inf")
