@@ -9,7 +9,7 @@ trainer fit --config configs/line.yaml --debug             full tracebacks (also
 
 Bad input — a setting, a data file, a checkpoint, a device — is one line on stderr (`error: …`, naming the
 key, file, row, column or value and what to do instead) and exit 2, before anything is written. A run that
-diverges exits 1. See ``trainer.errors``.
+diverges exits 1. Checkpoints are written atomically. See ``trainer.errors``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trainer.callbacks import Convergence, Summary
+from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.data import TensorData
 from trainer.errors import EXIT_INTERRUPTED, CheckpointError, debug_requested, describe
 from trainer.guards import fault_callbacks
@@ -149,6 +151,9 @@ class HandgradCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make every save atomic
+            strategy.checkpoint_io = AtomicCheckpointIO()
         if self.checkpoint is not None:
             check_checkpoint_matches(
                 self.checkpoint,
