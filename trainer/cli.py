@@ -9,7 +9,7 @@ trainer fit --config configs/line.yaml --debug             full tracebacks (also
 
 Bad input — a setting, a data file, a checkpoint, a device — is one line on stderr (`error: …`, naming the
 key, file, row, column or value and what to do instead) and exit 2, before anything is written. A run that
-diverges exits 1. Checkpoints are written atomically. See ``trainer.errors``.
+diverges exits 1; Ctrl-C saves a checkpoint and exits 130. See ``trainer.errors``.
 """
 
 from __future__ import annotations
