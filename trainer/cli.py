@@ -176,6 +176,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": fault_callbacks()},
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        parser_kwargs={"prog": "trainer"},  # not __main__.py under python -m trainer
         args=args,
         run=run,
     )

@@ -91,12 +91,6 @@ def check_devices(accelerator: Any, devices: Any) -> None:
         )
 
 
-def _short(exc: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(exc).split())
-    first = text.split(". ")[0]
-    return first if len(first) <= limit else first[: limit - 1] + "…"
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(weights_only=True)``, or raise ``CheckpointError`` saying why not.
 
@@ -125,10 +119,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{where} was refused unread: {what}, and a checkpoint may hold only tensors and plain values "
             "(loaded with weights_only=True, so none of it ran); use a checkpoint written by `trainer fit`"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         raise CheckpointError(
-            f"{where} cannot be read: it is truncated or corrupt ({_short(exc)}); "
-            "use another checkpoint, e.g. a step*.ckpt beside it"
+            f"{where} cannot be read: it is truncated or corrupt; use another checkpoint, e.g. a step*.ckpt beside it"
         ) from None
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise CheckpointError(
