@@ -284,7 +284,7 @@ def _census() -> tuple[int, int]:
     "settings, momentum", [({"hidden": []}, 0.0), ({"hidden": [8, 8], "activation": "tanh"}, 0.9)], ids=["line", "mlp"]
 )
 def test_our_step_leaves_nothing_behind(settings, momentum):
-    """Forward, hand-written backward and SGD, 10,000 times: not one live object or tensor more at the end.
+    """Forward, hand-written backward and SGD, 10,000 times: not one tensor more at the end, nor objects.
 
     (Counting allocated blocks instead would see CPython's free lists filling up for tens of thousands
     of steps; live objects are what a leak adds.)"""
@@ -309,7 +309,8 @@ def test_our_step_leaves_nothing_behind(settings, momentum):
         after = _census()
     finally:
         torch.set_num_threads(threads)
-    assert after[1] == before[1] and after[0] <= before[0], (before, after)
+    # a leak of anything per step would add 10,000; a lazily made object elsewhere in the process adds one
+    assert after[1] == before[1] and after[0] - before[0] < 10, (before, after)
 
 
 def test_least_squares_reference_is_what_the_bound_test_converges_to():
