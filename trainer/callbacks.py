@@ -45,6 +45,7 @@ class Convergence(L.Callback):
         self.best: float | None = None
         self.previous: float | None = None
         self.negligible = 0
+        self.rising = 0  # checks in a row at which the cost went up
         self._epoch_sum = 0.0
         self._epoch_count = 0
 
@@ -80,8 +81,12 @@ class Convergence(L.Callback):
         if self.previous is not None and math.isfinite(self.previous):
             improvement = (self.previous - cost) / max(abs(self.previous), 1e-300)
             self.negligible = self.negligible + 1 if improvement < self.tol else 0
+            # A cost that rose at every check of the streak is diverging, not converging: let it run on
+            # until the divergence guard (or max_steps) stops it, instead of calling it converged.
+            self.rising = self.rising + 1 if cost > self.previous else 0
         self.previous = cost
-        if self.negligible >= self.patience and trainer.global_step >= self.min_steps:
+        diverging = self.rising >= self.negligible
+        if self.negligible >= self.patience and not diverging and trainer.global_step >= self.min_steps:
             reason = (
                 f"converged: the relative improvement of the cost stayed below tol={self.tol:g} "
                 f"for {self.patience} checks"
@@ -93,6 +98,7 @@ class Convergence(L.Callback):
         return {
             "previous": self.previous,
             "negligible": self.negligible,
+            "rising": self.rising,
             "epoch_sum": self._epoch_sum,
             "epoch_count": self._epoch_count,
         }
@@ -100,6 +106,7 @@ class Convergence(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.previous = state["previous"]
         self.negligible = state["negligible"]
+        self.rising = state.get("rising", 0)
         self._epoch_sum = state.get("epoch_sum", 0.0)
         self._epoch_count = state.get("epoch_count", 0)
 

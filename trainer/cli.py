@@ -7,6 +7,12 @@ trainer validate | test | predict --config … --ckpt_path …
 trainer fit --config configs/line.yaml --print_config      the resolved config
 trainer check --config configs/line.yaml                   hand-written gradients against autograd and
                                                            finite differences, on the config's model and data
+trainer fit --config configs/line.yaml --debug             full tracebacks (also HANDGRAD_DEBUG=1)
+
+Bad input — a setting, a data file, a checkpoint, a device — is one line on stderr (`error: …`, naming the
+key, file, row, column or value and what to do instead) and exit 2, before anything is written. A run that
+diverges, or fails the live gradient check, exits 1; Ctrl-C saves a checkpoint and exits 130. See
+``trainer.errors``.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from trainer.callbacks import Convergence, Summary
+from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.data import TensorData
+from trainer.errors import EXIT_INTERRUPTED, CheckpointError, debug_requested, describe
 from trainer.figures import Figures
+from trainer.guards import fault_callbacks
 from trainer.live_gradcheck import GradientCheck, GradientCheckError
 from trainer.module import BackpropModule
 from trainer.monitor import Histograms, Monitor
+from trainer.preflight import check_checkpoint_matches, check_devices, load_checkpoint
 from trainer.progress import StepProgressBar
 
 DEFAULT_ROOT = "runs"
@@ -110,21 +121,64 @@ class HandgradCLI(LightningCLI):
         parser.link_arguments("data.in_features", "model.in_features", apply_on="instantiate")
         parser.link_arguments("data.out_features", "model.out_features", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is None or config.get("ckpt_path") != "last":
+    def _parse_ckpt_path(self) -> None:
+        """Resolve and check ``--ckpt_path`` before anything is built or written.
+
+        ``last`` becomes the newest ``last.ckpt`` of this config's runs. The file must load with
+        ``weights_only=True``: tensors and plain values only, so a pickle that would run code is refused
+        unread. Unlike LightningCLI's default, the checkpoint's hyperparameters do not replace the config
+        (a ``--model.lr`` given with ``--ckpt_path`` would be lost): the config must build the model the
+        checkpoint holds, which ``after_instantiate_classes`` checks.
+        """
+        self.checkpoint: dict[str, Any] | None = None
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None or not config.get("ckpt_path"):
             return
+        if config.get("weights_only") is False:
+            raise CheckpointError(
+                "--weights_only false is refused: a handgrad checkpoint holds only tensors and plain values, and "
+                "loading anything more would let the file run code; leave --weights_only out"
+            )
+        if config["ckpt_path"] == "last":
+            config["ckpt_path"] = str(self._last_checkpoint(config))
+        self.checkpoint = load_checkpoint(config["ckpt_path"])
+
+    @staticmethod
+    def _last_checkpoint(config) -> Path:
         logger = config["trainer"].get("logger")
         init = getattr(logger, "init_args", None) or {}
         save_dir = init.get("save_dir", DEFAULT_ROOT) if hasattr(init, "get") else DEFAULT_ROOT
         name = init.get("name", "handgrad") if hasattr(init, "get") else "handgrad"
         found = find_last_checkpoint(save_dir, name)
         if found is None:
-            raise SystemExit(
-                f"error: --ckpt_path last: no checkpoint under {Path(save_dir) / name}/version_*/checkpoints/; "
+            raise CheckpointError(
+                f"--ckpt_path last: no checkpoint under {Path(save_dir) / name}/version_*/checkpoints/; "
                 "run `trainer fit` first, or give a checkpoint's path"
             )
-        config["ckpt_path"] = str(found)
+        return found
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None:
+            check_devices(config["trainer"].get("accelerator"), config["trainer"].get("devices"))
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make every save atomic
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.checkpoint is not None:
+            check_checkpoint_matches(
+                self.checkpoint,
+                self.config[self.subcommand]["ckpt_path"],
+                self.model.state_dict(),
+                dict(self.model.hparams),
+                resume=self.subcommand == "fit",
+            )
+            self.config_init[self.subcommand]["weights_only"] = True
+            self.checkpoint = None  # Lightning loads it again; keep one copy in memory, not two
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
@@ -134,25 +188,46 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
         BackpropModule,
         TensorData,
         subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": fault_callbacks()},
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        parser_kwargs={"prog": "trainer"},  # not __main__.py under python -m trainer
         args=args,
         run=run,
     )
 
 
 def main(args: list[str] | None = None) -> None:
-    """The console script ``trainer``."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["check"]:
-        from trainer.check import run_check
+    """The console script ``trainer``: bad input is one line on stderr and exit 2, never a traceback.
 
-        raise SystemExit(run_check(argv[1:]))
+    Exit codes are listed in ``trainer.errors``; ``--debug`` (or ``HANDGRAD_DEBUG=1``) shows tracebacks.
+    """
+    debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself, and warns when given both
     try:
-        make_cli(args)
+        if argv[:1] == ["check"]:
+            from trainer.check import run_check
+
+            sys.exit(run_check(argv[1:]))
+        make_cli(None if args is None else argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted outside a training step: no checkpoint was saved", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except GradientCheckError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        found = None if debug else describe(exc)
+        if found is None:
+            raise
+        code, message = found
+        print(message if code == EXIT_INTERRUPTED else f"error: {message}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

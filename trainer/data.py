@@ -467,6 +467,8 @@ class CSVData(TensorData):
 
     def _read(self) -> tuple[list[str], list[tuple[int, list[str]]]]:
         where = f"data.path = {str(self.path)!r}"
+        if self.path.is_dir():
+            raise DataError(f"{where} is a directory; give the path of a CSV file in it")
         if not self.path.is_file():
             raise DataError(f"{where}: no such file; give the path of a CSV file with a header row")
         try:

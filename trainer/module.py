@@ -131,8 +131,10 @@ class BackpropModule(L.LightningModule):
             raise ConfigError(f"model.lr = {lr!r} is invalid: the learning rate must be a finite number > 0")
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"model.momentum = {momentum!r} is invalid: use a value in [0, 1) (0 turns it off)")
-        if not weight_decay >= 0.0:
-            raise ConfigError(f"model.weight_decay = {weight_decay!r} is invalid: use a value ≥ 0 (0 turns it off)")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
+            raise ConfigError(
+                f"model.weight_decay = {weight_decay!r} is invalid: use a finite value ≥ 0 (0 turns it off)"
+            )
 
     def _initialise(self, init: str, slope: float | None, intercept: float | None) -> None:
         if init == "zeros":

@@ -64,7 +64,7 @@ class LeastSquares:
 
     def hessian_eigenvalues(self) -> Tensor:
         """The eigenvalues of one output's Hessian 2s·G, ascending (the K outputs share them)."""
-        return torch.linalg.eigvalsh(2.0 * self.scale * self.gram)
+        return hessian_eigenvalues(self.gram, self.scale)
 
     def lr_bound(self, momentum: float = 0.0, weight_decay: float = 0.0, batch_size: int | None = None) -> float:
         """The learning rate above which gradient descent on this cost diverges: 2(1 + μ) / (λ_max + λ_wd).
@@ -102,3 +102,27 @@ class LeastSquares:
         dc = biases.double() - self.optimum[0, 1]
         g = self.gram
         return self.cost + self.scale * (g[0, 0] * dm * dm + 2 * g[0, 1] * dm * dc + g[1, 1] * dc * dc)
+
+
+def lr_bound(x: Tensor, reduction: str = "mean") -> float:
+    """The largest learning rate at which full-batch gradient descent on a linear least-squares model converges.
+
+    The cost C(θ) = s·‖Aθ − y‖² with A = [x 1] (s = 1/N for ``mean``, 1 for ``sum``) is quadratic with Hessian
+    H = 2s·AᵀA, and the update θ ← θ − lr·∇C shrinks every error component iff |1 − lr·λ| < 1 for every
+    eigenvalue λ of H: lr < 2/λ_max. (The same bound holds for each output of a multi-output model.)
+
+    Args:
+        x: the inputs (N, I) the model is trained on (after any standardization).
+        reduction: ``mean`` or ``sum``, as the loss.
+
+    Returns 2/λ_max(H), computed in float64; ``inf`` when H is zero.
+    """
+    a = design(x.detach().double().cpu())  # (N, I + 1)
+    scale = 1.0 / a.shape[0] if reduction == "mean" else 1.0
+    lam_max = hessian_eigenvalues(a.T @ a, scale).max().item()
+    return 2.0 / lam_max if lam_max > 0 else float("inf")
+
+
+def hessian_eigenvalues(gram: Tensor, scale: float) -> Tensor:
+    """The eigenvalues of H = 2s·G, ascending: one output's Hessian of the squared-error cost, G = AᵀA."""
+    return torch.linalg.eigvalsh(2.0 * scale * gram)

@@ -1,0 +1,31 @@
+"""Callbacks the tests add to a real ``trainer fit`` through ``--trainer.callbacks+=``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import lightning as L
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryProbe(L.Callback):
+    """Every ``every`` updates, record (step, resident bytes, Python's allocated blocks); write them as JSON."""
+
+    def __init__(self, path: str, every: int = 500) -> None:
+        self.path, self.every = path, every
+        self.points: list[tuple[int, int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.points.append((trainer.global_step, rss_bytes(), sys.getallocatedblocks()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(self.path, "w") as f:
+            json.dump(self.points, f)
