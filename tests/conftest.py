@@ -51,3 +51,24 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 def devices() -> list[str]:
     """The devices this machine can run: ``["cpu"]``, plus ``"cuda"`` when a GPU is present."""
     return DEVICES
+
+
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_environment():
+    """Each test starts with no launcher variables and ends with no process group.
+
+    Lightning leaves a DDP run's MASTER_PORT, LOCAL_RANK, … and its process group behind in the process
+    that ran it; the next spawned run would then reuse the port (or take itself for a child).
+    """
+    import torch.distributed as dist
+
+    saved = {k: os.environ.pop(k) for k in LAUNCH_VARIABLES if k in os.environ}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k in LAUNCH_VARIABLES:
+        os.environ.pop(k, None)
+    os.environ.update(saved)

@@ -32,13 +32,14 @@ def test_stays_within_float32_tolerance_on_the_mlp(tmp_path):
     assert max(errors.values()) <= 1e-5
 
 
-def test_a_broken_activation_stops_training_naming_the_parameters_below_it(tmp_path, monkeypatch):
+def test_a_broken_activation_stops_training_naming_the_parameters_below_it(tmp_path, monkeypatch, capsys):
     """ReLU's backward 0.1 % too large: the Linear layers under a ReLU are named, the output layer is not."""
     correct = ReLU.backward
     monkeypatch.setattr(ReLU, "backward", lambda self, g: correct(self, g) * 1.001)
     with pytest.raises(SystemExit) as exit_info:
         fit("configs/mlp_classification.yaml", tmp_path, "--trainer.max_steps", "5", "--gradcheck.every_n_steps", "1")
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # the one line the command prints
     assert message.startswith("error: live gradient check failed at step 0")
     for name in ("0.weight (Linear)", "0.bias (Linear)", "2.weight (Linear)", "2.bias (Linear)"):
         assert name in message
@@ -46,13 +47,14 @@ def test_a_broken_activation_stops_training_naming_the_parameters_below_it(tmp_p
     assert "float32 tolerance 1e-05" in message
 
 
-def test_a_broken_loss_is_caught_by_the_steps_gradient(tmp_path, monkeypatch):
+def test_a_broken_loss_is_caught_by_the_steps_gradient(tmp_path, monkeypatch, capsys):
     """The squared error's backward 1 % too large: the model's own backward is right, the step's gradient not."""
     correct = SquaredErrorClass.backward
     monkeypatch.setattr(SquaredErrorClass, "backward", lambda self, g=1.0: correct(self, g) * 1.01)
     with pytest.raises(SystemExit) as exit_info:
         fit("configs/line.yaml", tmp_path, "--trainer.max_steps", "5", "--gradcheck.every_n_steps", "1")
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "0.weight (Linear)" in message and "the step's gradient" in message
 
 
