@@ -179,7 +179,7 @@ def test_divergence_stops_at_once_with_the_bound_and_saves_nothing_non_finite(cl
     lr = round(1.25 * bound, 4)
     result = cli(
         "fit", "--config", "configs/line.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET,
-        "--model.lr", str(lr),
+        "--model.lr", str(lr), "--checkpoint.every_n_train_steps", "1",
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from trainer.optimum import least_squares, squared_error
 
@@ -109,6 +109,44 @@ class Convergence(L.Callback):
         self.rising = state.get("rising", 0)
         self._epoch_sum = state.get("epoch_sum", 0.0)
         self._epoch_count = state.get("epoch_count", 0)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, saving every 500 updates unless ``every_n_train_steps``,
+    ``every_n_epochs`` or ``train_time_interval`` says otherwise, and always saving ``last.ckpt`` at the end
+    of training.
+
+    With the whole dataset a step an epoch is one update, so the usual every-epoch save wrote two files per
+    update and took most of a small run's time. Every option of ``ModelCheckpoint`` is still a
+    ``--checkpoint.*`` key (``every_n_epochs: 1`` brings the per-epoch save back).
+    """
+
+    DEFAULT_EVERY_N_TRAIN_STEPS = 500
+
+    def __init__(
+        self,
+        *args: Any,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        train_time_interval: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if every_n_train_steps is None and every_n_epochs is None and train_time_interval is None:
+            every_n_train_steps = self.DEFAULT_EVERY_N_TRAIN_STEPS  # none asked for: by updates, not epochs
+        super().__init__(
+            *args,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=every_n_epochs,
+            train_time_interval=train_time_interval,
+            **kwargs,
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The last update need not fall on a multiple of every_n_train_steps: keep it, so that
+        # `--ckpt_path last` continues from where the run stopped.
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 def stop_reason(trainer: L.Trainer, pl_module: L.LightningModule) -> str:

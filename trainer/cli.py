@@ -24,11 +24,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from trainer.callbacks import Convergence, Summary
+from trainer.callbacks import Checkpoint, Convergence, Summary
 from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.data import TensorData
 from trainer.errors import EXIT_INTERRUPTED, CheckpointError, debug_requested, describe
@@ -103,7 +102,7 @@ class HandgradCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Convergence, "convergence")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
