@@ -191,10 +191,9 @@ class TensorData(L.LightningDataModule):
                 f"data.val_fraction = {self.val_fraction} leaves no training data from {n} examples: "
                 "lower val_fraction or add examples"
             )
+        # A seeded random split; with nothing held out the given order is kept.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)) if n_val else torch.arange(n)
         train, val = perm[n_val:], perm[:n_val]
-        if not n_val:
-            train = torch.arange(n)  # keep the given order when nothing is held out
         self.x_train, self.y_train = x[train], y[train]
         self.x_val, self.y_val = x[val], y[val]
         self.prepare(self.x_train)
@@ -283,8 +282,9 @@ class TensorData(L.LightningDataModule):
         return self._eval_batches(self.x_train, self.y_train)
 
 
-def _points(values: Sequence[float] | None, name: str) -> Tensor | None:
-    return None if values is None else torch.tensor([float(v) for v in values]).reshape(-1, 1)
+def _points(values: Sequence[float]) -> Tensor:
+    """A column (N, 1) of the given numbers."""
+    return torch.tensor([float(v) for v in values]).reshape(-1, 1)
 
 
 class LineData(TensorData):
@@ -324,7 +324,7 @@ class LineData(TensorData):
         if xs is not None:
             if len(xs) != len(ys) or not xs:
                 raise DataError(f"data.x has {len(xs)} points and data.y {len(ys)}: give the same number, at least 1")
-            return _points(xs, "x"), _points(ys, "y")
+            return _points(xs), _points(ys)
         if self.n <= 0:
             raise DataError(f"data.n = {self.n} is invalid: use a positive number of points")
         gen = torch.Generator().manual_seed(self.seed)
