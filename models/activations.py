@@ -12,6 +12,9 @@ from torch import Tensor
 
 from models.layer import Layer
 
+# torch's fused kernel for g · y(1 − y), bound once: torch.ops resolves the name anew on every look-up
+_sigmoid_backward = torch.ops.aten.sigmoid_backward.default
+
 
 class Sigmoid(Layer):
     """σ(x) = 1 / (1 + e^(−x))."""
@@ -26,7 +29,7 @@ class Sigmoid(Layer):
         (y,) = self._saved()
         # g · y(1 − y) in one pass over memory (torch's fused kernel for this very formula), where
         # grad_output * y * (1 - y) would make three passes and two temporaries.
-        return torch.ops.aten.sigmoid_backward.default(grad_output, y)
+        return _sigmoid_backward(grad_output, y)
 
 
 class Tanh(Layer):

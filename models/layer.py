@@ -19,6 +19,50 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
+
+from models import gemm
+
+
+def _hooks_on_every_module() -> bool:
+    """Whether a global module hook (``torch.nn.modules.module.register_module_forward_hook`` and kin) is
+    set, or the JIT is tracing: then every module call must take nn.Module's own path."""
+    m = _nn_module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
+    )
+
+
+def _hooks_on(module: nn.Module) -> bool:
+    """Whether ``module`` itself has a hook or a compiled forward (``module.compile()``)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module._compiled_call_impl is not None
+    )
+
+
+def _plain_call(module: nn.Module) -> bool:
+    """Whether calling ``module`` only calls its forward: no hook, tracing or compilation is in play."""
+    m = _nn_module
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or module._compiled_call_impl is not None
+        or m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
+    )
 
 
 class Layer(nn.Module):
@@ -28,38 +72,47 @@ class Layer(nn.Module):
     ``backward(grad_output) -> grad_input`` (calling ``self._saved()`` to take the cache).
     """
 
+    # Whether backward takes the ``accumulate`` and ``input_grad`` keywords (a layer with parameters).
+    holds_parameters = False
+
     def __init__(self) -> None:
         super().__init__()
         self._cache: tuple[Tensor, ...] | None = None
 
+    def __call__(self, *args, **kwargs):
+        # nn.Module.__call__ reaches forward through two more Python frames, which for a tiny layer cost as
+        # much as its math (0.7 µs a call). With no hook, tracing or compilation in play it only calls
+        # forward, so do that here; anything else takes nn.Module's own path.
+        if _plain_call(self):
+            return self.forward(*args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
+
     def _save(self, *tensors: Tensor) -> None:
-        # Only a training forward is followed by a backward; an eval pass keeps nothing. The cache holds
-        # references, never copies: Linear's input is the activation's output below it, kept once.
-        # Detached only when needed (a forward under autograd), so backward can never build a graph.
+        # Only a training forward is followed by a backward; an eval pass keeps nothing (and drops a stale
+        # cache an earlier training forward left). The cache holds references, never copies: Linear's input
+        # is the activation's output below it, kept once. Under autograd (a gradient check) they are
+        # detached, so backward can never build a graph.
         if not self.training:
-            self._set_cache(None)  # and drop a stale cache an earlier training forward left
-            return
-        for t in tensors:
-            if t.requires_grad:
-                tensors = tuple(t.detach() for t in tensors)
-                break
-        self._set_cache(tensors)
+            tensors = None
+        elif torch.is_grad_enabled():
+            tensors = tuple(t.detach() for t in tensors)
+        # A plain attribute write: nn.Module.__setattr__ first checks whether the value is a parameter, a
+        # buffer or a submodule, and for a tiny layer those checks cost more than its math.
+        self.__dict__["_cache"] = tensors
 
     def _saved(self) -> tuple[Tensor, ...]:
         """Take the cache, releasing it; raise if there was no training forward since the last backward."""
-        if self._cache is None:
+        cache = self._cache
+        if cache is None:
             raise RuntimeError(
                 f"{self.__class__.__name__}.backward() called without a forward: run forward() in "
                 "training mode (module.train()) before each backward()."
             )
-        cache = self._cache
-        self._set_cache(None)
+        self.__dict__["_cache"] = None
         return cache
 
     def _set_cache(self, cache: tuple[Tensor, ...] | None) -> None:
-        # A plain attribute write: nn.Module.__setattr__ first checks whether the value is a parameter,
-        # a buffer or a submodule, and for a tiny layer those checks cost more than its math.
-        object.__setattr__(self, "_cache", cache)
+        self.__dict__["_cache"] = cache
 
     def release(self) -> None:
         """Drop whatever the last forward cached (for a forward that will not be followed by backward)."""
@@ -80,10 +133,17 @@ class Layer(nn.Module):
             param.grad.add_(grad)
 
     @staticmethod
-    def _grad_of_product(param: Tensor, a: Tensor, b: Tensor, accumulate: bool = True) -> None:
-        """∂C/∂param = a @ b into ``param.grad``: added to it (``accumulate``), or written over it in place."""
+    def _grad_of_product(param: Tensor, a: Tensor, b: Tensor, accumulate: bool = True, onednn: bool = False) -> None:
+        """∂C/∂param = a @ b into ``param.grad``: added to it (``accumulate``), or written over it; with
+        ``onednn``, the product on oneDNN (``models.gemm``)."""
         grad = param.grad
-        if grad is None:
+        if onednn:
+            product = gemm.mm(a, b, onednn=True)  # a fresh tensor: oneDNN has no out=
+            if grad is None or not accumulate:
+                param.grad = product  # as zero_grad(set_to_none=True) then backward would give
+            else:
+                grad.add_(product)
+        elif grad is None:
             param.grad = a @ b
         elif accumulate:
             grad.add_(a @ b)  # not addmm_: the sum must round exactly as autograd's does

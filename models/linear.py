@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import gemm
 from models.layer import Layer
 
 
@@ -24,6 +25,8 @@ class Linear(Layer):
 
     ``weight`` is (O, I) and ``bias`` is (O,), so a state_dict moves between this and ``nn.Linear``.
     """
+
+    holds_parameters = True
 
     def __init__(
         self,
@@ -43,7 +46,8 @@ class Linear(Layer):
         self.out_features = out_features
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))  # (O, I)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None  # (O,)
+        # (O,), or None registered as the parameter (as nn.Linear does), so _parameters always holds both names
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -71,7 +75,16 @@ class Linear(Layer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._save(x)  # ∂C/∂W needs x
-        return F.linear(x, self.weight, self.bias)  # (N, O): x Wᵀ + b, the bias folded into one addmm
+        params = self._parameters  # self.weight would pass through nn.Module.__getattr__: 0.4 µs a look-up
+        weight, bias = params["weight"], params["bias"]
+        if torch.is_grad_enabled():
+            return F.linear(x, weight, bias)  # under autograd (a gradient check): the reference kernel
+        if self.in_features == self.out_features == 1 and bias is not None and x.dim() == 2 and gemm.shortcuts:
+            # one input and one output, the seed's neuron m·x + c: one elementwise op (1.7 µs against 2.3)
+            return torch.addcmul(bias, x, weight)  # (N, 1)
+        if x.shape[0] * self.in_features * self.out_features < gemm.min_macs:  # small: no more checks
+            return F.linear(x, weight, bias)  # (N, O): x Wᵀ + b, the bias folded into the product
+        return gemm.linear(x, weight, bias)
 
     # y = x Wᵀ + b  ⇒  ∂C/∂x = g W,  ∂C/∂W = gᵀ x,  ∂C/∂b = Σₙ g
     def backward(self, grad_output: Tensor, *, accumulate: bool = True, input_grad: bool = True) -> Tensor | None:
@@ -79,15 +92,20 @@ class Linear(Layer):
         or None with ``input_grad=False`` (see ``Layer``)."""
         (x,) = self._saved()  # (N, I)
         g = grad_output  # (N, O)
-        weight, bias = self.weight, self.bias
-        self._grad_of_product(weight, g.t(), x, accumulate)  # (O, I)
-        if bias is not None:
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        macs = g.shape[0] * self.in_features * self.out_features
+        onednn = macs >= gemm.min_macs and gemm.onednn_for(macs, g, x)  # one choice for both products
+        if bias is not None:  # first, while g is still in cache from the layer above
             self._grad_of_sum(bias, g, accumulate)  # (O,)
+        self._grad_of_product(weight, g.t(), x, accumulate, onednn)  # (O, I)
         if not input_grad:
             return None
         if torch.is_grad_enabled():
             weight = weight.detach()  # a manual backward builds no autograd graph
-        return g @ weight  # (N, I)
+        if self.in_features == self.out_features == 1:
+            return g * weight  # (N, 1): g W for a one-by-one W, elementwise (1.1 µs against 1.5); the same numbers
+        return gemm.mm(g, weight, onednn)  # (N, I)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

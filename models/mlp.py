@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from models.activations import activation as make_activation
-from models.layer import Layer
+from models.layer import Layer, _hooks_on, _hooks_on_every_module
 from models.linear import Linear
 
 
@@ -20,6 +20,8 @@ class Sequential(Layer):
     Args:
         *layers: ``Layer`` instances; each one's output is the next one's input.
     """
+
+    holds_parameters = True
 
     def __init__(self, *layers: Layer) -> None:
         super().__init__()
@@ -38,18 +40,23 @@ class Sequential(Layer):
         return iter(self._modules.values())
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self:
-            x = layer(x)
+        # Each layer as Layer.__call__ would call it, with the check for global hooks made once for all
+        if _hooks_on_every_module():
+            for layer in self._modules.values():
+                x = layer(x)
+            return x
+        for layer in self._modules.values():
+            x = layer(x) if _hooks_on(layer) else layer.forward(x)
         return x
 
     # y = fₖ(…f₁(x))  ⇒  ∂C/∂x = f₁'ᵀ(… fₖ'ᵀ(g)): each layer's backward feeds the one below it
     def backward(self, grad_output: Tensor, *, accumulate: bool = True, input_grad: bool = True) -> Tensor | None:
         """Each layer's backward, last first; ``accumulate`` and ``input_grad`` as in ``Layer``."""
         grad = grad_output
-        layers = list(self)
+        layers = list(self._modules.values())
         for i in range(len(layers) - 1, -1, -1):
             layer = layers[i]
-            if isinstance(layer, (Linear, Sequential)):  # the layers that hold parameters
+            if layer.holds_parameters:
                 grad = layer.backward(grad, accumulate=accumulate, input_grad=input_grad or i > 0)
             else:
                 grad = layer.backward(grad)
