@@ -1,0 +1,103 @@
+"""Scalars to TensorBoard in bulk: a whole ``training_step`` call's points in one hand-off to the writer.
+
+``SummaryWriter.add_scalar`` costs about 29 µs of CPU a point (measured on a 2-core CPU): a Summary built
+through numpy, one queue hand-off to the writer thread per point, and there a pure-Python CRC32C per
+record. With a point per update that is more than a small model's whole update. ``ScalarEvents`` builds the
+``Event`` protos directly, frames them as TFRecords with a C CRC32C (``google-crc32c``), and queues one blob
+per call on the SummaryWriter's own writer thread: the same file, in order with everything else it writes
+(histograms, images), about 2.5 µs a point.
+
+The writer thread's record writer is swapped for ``FramedRecordWriter``, which writes such a blob as it is
+and frames every other record as before (with the fast CRC). That reaches into tensorboard's
+``EventFileWriter`` internals; where they are not found, ``ScalarEvents.attach`` returns None and the caller
+logs through the logger as usual.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+import google_crc32c
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The TFRecord checksum: CRC32C, rotated right by 15 bits, plus a constant (as TensorFlow masks it)."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame(data: bytes) -> bytes:
+    """One TFRecord: length (uint64), its masked CRC (uint32), the data, the data's masked CRC (uint32)."""
+    header = struct.pack("<Q", len(data))
+    return b"".join((header, struct.pack("<I", masked_crc32c(header)), data, struct.pack("<I", masked_crc32c(data))))
+
+
+class FramedRecords:
+    """Records already framed (``frame``), to be written as they are."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+
+class FramedRecordWriter(RecordWriter):
+    """tensorboard's RecordWriter with a C CRC, that also writes ``FramedRecords`` as they are."""
+
+    def write(self, data: bytes | FramedRecords) -> None:
+        self._writer.write(data.blob if isinstance(data, FramedRecords) else frame(data))
+
+
+def scalar_event(step: int, values: dict[str, float], wall_time: float) -> bytes:
+    """One serialized Event holding every ``values`` tag at ``step``."""
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+    return Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+
+
+class ScalarEvents:
+    """Writes batches of scalar points into a SummaryWriter's event file, through its writer thread."""
+
+    def __init__(self, async_writer: Any) -> None:
+        self._async_writer = async_writer
+
+    @classmethod
+    def attach(cls, summary_writer: Any) -> ScalarEvents | None:
+        """Install ``FramedRecordWriter`` in ``summary_writer``'s writer thread (once) and return the
+        batch writer, or None when this tensorboard's internals are not the ones expected."""
+        try:
+            async_writer = summary_writer._get_file_writer().event_writer._async_writer
+            worker = async_writer._worker
+            record_writer = async_writer._writer
+            if worker._record_writer is not record_writer or not isinstance(record_writer, RecordWriter):
+                return None
+        except AttributeError:
+            return None
+        if not isinstance(record_writer, FramedRecordWriter):
+            fast = FramedRecordWriter(record_writer._writer)
+            # The worker looks the writer up for every item, so items already queued go to the same file.
+            async_writer._writer = worker._record_writer = fast
+        return cls(async_writer)
+
+    def write(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        """Queue one Event per (step, {tag: value}), all in one hand-off."""
+        if not points:
+            return
+        now = time.time()
+        blob = b"".join(frame(scalar_event(step, values, now)) for step, values in points)
+        self._async_writer.write(FramedRecords(blob))
+
+
+def scalar_events(logger: Any) -> ScalarEvents | None:
+    """The bulk writer of a TensorBoard logger that adds no prefix to its tags; None for any other logger
+    (or a rank other than 0, whose logger has no real writer), which the caller logs to as usual."""
+    if getattr(logger, "_prefix", ""):
+        return None
+    experiment = getattr(logger, "experiment", None)
+    if not hasattr(experiment, "_get_file_writer"):
+        return None
+    return ScalarEvents.attach(experiment)
