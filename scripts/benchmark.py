@@ -48,7 +48,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from models import Linear  # noqa: E402
+from models import Linear, gemm  # noqa: E402
+from trainer.allocator import retain_freed_memory  # noqa: E402
 from trainer.module import BackpropModule  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,12 +344,18 @@ def floor_mlp_l(s: Settings) -> Result:
 
     def floor() -> None:
         for a, b in products:
-            torch.mm(a, b)
+            gemm.mm(a, b)  # on the kernel our layers pick for the product (models/gemm.py)
 
     repeats = s.scale(11, 25)
     result = interleaved("floor.mlp_l", ours, floor, s.clock, repeats, 1, warmup=2)
-    result.note = f"{len(products)} matrix products"
+    result.note = f"{len(products)} matrix products on {gemm_kernels(products)}"
     return result
+
+
+def gemm_kernels(products: list[tuple[Tensor, Tensor]]) -> str:
+    """Which kernels ``models.gemm`` picks for these products: torch's, oneDNN's, or both."""
+    picks = {"oneDNN" if gemm.onednn_for(a.shape[0] * a.shape[1] * b.shape[1], a, b) else "torch" for a, b in products}
+    return " and ".join(sorted(picks))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -593,6 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="on the CPU: process CPU time (default; robust on a shared machine) or wall time",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("retain", "system"),
+        default="retain",
+        help="retain: keep freed memory in the process as `trainer fit` does (trainer/allocator.py, the default);"
+        " system: glibc's own thresholds. Either way both sides of every comparison share it",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--only", default=None, help="comma-separated comparison names, e.g. step.line,loop.line")
     args = parser.parse_args(argv)
@@ -613,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     _quiet()
+    malloc = "retained" if args.malloc == "retain" and retain_freed_memory() else "system"
 
     started = time.perf_counter()
     results: list[Result] = []
@@ -629,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     header = (
         f"handgrad benchmark  device={device} ({device_name})  torch={torch.__version__}  "
-        f"threads={torch.get_num_threads()}  clock={settings.clock.kind}  {mode}  {elapsed:.0f} s"
+        f"threads={torch.get_num_threads()}  clock={settings.clock.kind}  malloc={malloc}  gemm={gemm.backend()}  "
+        f"{mode}  {elapsed:.0f} s"
     )
     print()
     print(format_table(results, header))
@@ -640,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "clock": settings.clock.kind,
+            "malloc": malloc,
+            "gemm": gemm.backend(),
             "quick": args.quick,
             "seconds": elapsed,
             "ratios": {r.name: r.ratio for r in results},

@@ -216,19 +216,23 @@ def test_one_process_sync_is_free() -> None:
 
 def test_full_batch_ddp_matches_one_process_and_stops_together(tmp_path: Path) -> None:
     # 101 points: rank 0 holds 51 and rank 1 50, so the ranks' means must be weighted by their counts.
-    def run(devices: int) -> list[dict]:
+    def run(devices: int, name: str, max_steps: int = 400, tol: float = 1e-6) -> list[dict]:
         data = LineData(n=101, batch_size=None, val_fraction=0.0)
         model = BackpropModule(hidden=[], lr=0.05, slope=1.0, intercept=0.0)
-        return fit(tmp_path / f"devices{devices}", data, model, devices=devices, max_steps=400, tol=1e-6, snapshot=20)
+        return fit(tmp_path / name, data, model, devices=devices, max_steps=max_steps, tol=tol, snapshot=20)
 
-    ddp, (one,) = run(WORLD), run(1)
+    ddp, (one,) = run(WORLD, "ddp"), run(1, "one")
     assert [r["rank"] for r in ddp] == [0, 1] and ddp[0]["world_size"] == WORLD
     steps = {r["steps"] for r in ddp}
     assert len(steps) == 1, f"the ranks stopped at different steps: {steps}"
     assert all(r["stop_reason"] and r["stop_reason"].startswith("converged") for r in ddp)
     assert ddp[0]["steps"] < 400, "the convergence stop never fired"
+    # The global cost is summed in another order (per rank, then across ranks), so its last bits differ
+    # from one process's, and the test "improvement < tol" may pass a few updates earlier or later.
+    assert one["stop_reason"] and one["stop_reason"].startswith("converged")
     gap_snapshot = assert_same_run(ddp, one, "snapshot")  # mid-descent: a wrong scale or weight shows here
-    gap_final = assert_same_run(ddp, one)
+    (same_length,) = run(1, "one-same-steps", max_steps=ddp[0]["steps"], tol=0.0)  # as many updates as DDP made
+    gap_final = assert_same_run(ddp, same_length)
     common = min(len(ddp[0]["costs"]), len(one["costs"]))
     for rank in ddp:  # the logged cost is the cost over all ranks, the same on each
         torch.testing.assert_close(torch.tensor(rank["costs"][:common]), torch.tensor(one["costs"][:common]))
@@ -365,11 +369,15 @@ def _scalars(run: Path, tag: str) -> list[float]:
 
 @pytest.mark.slow
 def test_command_line_ddp_ends_with_the_one_process_result(tmp_path: Path) -> None:
+    # A fixed number of updates: where the convergence test passes is sensitive to the last bits of the cost
+    # (on the line the relative improvement hovers near tol for dozens of updates, and the global cost is
+    # summed in another order under DDP), so two correct runs can stop at different steps.
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
-    ddp_args = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fixed = ["--convergence.tol", "0", "--trainer.max_steps", "300"]
+    ddp_args = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *fixed]
     ddp = _cli([*ddp_args, "--trainer.logger.init_args.save_dir", str(ddp_dir)], ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = _cli(["--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(one_dir)], ROOT)
+    one = _cli(["--trainer.accelerator", "cpu", *fixed, "--trainer.logger.init_args.save_dir", str(one_dir)], ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "effective batch: 100 examples per update (the whole training set, split over 2 devices)" in (
         ddp.stdout + ddp.stderr
@@ -378,7 +386,7 @@ def test_command_line_ddp_ends_with_the_one_process_result(tmp_path: Path) -> No
     assert _scalars(run, "data/effective_batch_size") == [100.0]
     assert (ddp_dir / "line" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     a, b = _summary(ddp_dir), _summary(one_dir)
-    assert a["stop_reason"].startswith("converged") and b["stop_reason"].startswith("converged")
+    assert a["steps"] == b["steps"] == 300
     pa, pb = (torch.tensor([s["parameters"]["slope"], s["parameters"]["intercept"]]) for s in (a, b))
     torch.testing.assert_close(pa.float(), pb.float())
     print(f"\ncommand line: steps ddp {a['steps']} one {b['steps']}; max |Δθ| {(pa - pb).abs().max().item():.3g}")

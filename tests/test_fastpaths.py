@@ -480,3 +480,93 @@ def test_fast_paths_on_cuda_equal_the_cpu_plain_path() -> None:
         plain_opt.step()
     for p, q in zip(fast.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calls without nn.Module's hook machinery, the one-neuron Linear, the loss's cached scales
+
+
+def test_layers_called_directly_still_run_every_hook() -> None:
+    torch.manual_seed(0)
+    model = MLP([2, 3, 1], "tanh").train()
+    seen: list[str] = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append("child"))
+    model.register_forward_pre_hook(lambda m, args: seen.append("model pre"))
+    with torch.no_grad():
+        model(randn(0, 4, 2, dtype=torch.float32))
+    assert seen == ["model pre", "child"]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        seen.clear()
+        with torch.no_grad():
+            model(randn(0, 4, 2, dtype=torch.float32))
+    finally:
+        handle.remove()
+    assert seen.count("child") == 1 and {"Linear", "Tanh", "MLP"} <= set(seen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_one_neuron_linear_equals_the_general_product(dtype: torch.dtype) -> None:
+    from models import gemm
+
+    neuron = Linear.from_values(0.7, -0.2).to(dtype)
+    x, g = randn(0, 50, 1, dtype=dtype), randn(1, 50, 1, dtype=dtype)
+    with torch.no_grad():
+        fast = neuron(x)  # b + x·w, one elementwise op
+        fast_input = neuron.backward(g)
+        with gemm.use("torch"):  # the general path: x Wᵀ + b as a matrix product
+            plain = neuron(x)
+            plain_grads = [p.grad.clone() for p in neuron.parameters()]
+            plain_input = neuron.backward(g)
+    torch.testing.assert_close(fast, plain, rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+    assert torch.equal(fast_input, plain_input)  # g·w is the same single product per row
+    for p, q in zip(neuron.parameters(), plain_grads, strict=True):
+        torch.testing.assert_close(p.grad, 2 * q)  # accumulated twice, the same value each time
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_squared_errors_cached_scales_follow_the_dtype_and_batch(reduction: str) -> None:
+    from models import SquaredError
+
+    loss = SquaredError(reduction)
+    for dtype, n in [(torch.float32, 10), (torch.float64, 10), (torch.float32, 7)]:
+        pred, target = randn(n, n, 2, dtype=dtype), randn(n + 1, n, 2, dtype=dtype)
+        cost = loss(pred, target)
+        grad = loss.backward()
+        scale = 1 / n if reduction == "mean" else 1.0
+        assert cost.dtype == grad.dtype == dtype
+        torch.testing.assert_close(cost, ((pred - target) ** 2).sum() * scale)
+        assert torch.equal(grad, (pred - target) * (2 * scale))  # the same number as the Python scalar
+        loss(pred, target)
+        torch.testing.assert_close(loss.backward(0.5), (pred - target) * scale)  # another upstream
+
+
+def test_repeat_epochs_leaves_the_state_k_iterations_leave() -> None:
+    from trainer.data import IndexBatches
+
+    x, y = torch.arange(6.0).view(6, 1), torch.arange(6.0).view(6, 1)
+    fast, plain = IndexBatches(x, y, batch_size=None), IndexBatches(x, y, batch_size=None)
+    for _ in range(2):
+        batch = fast.repeat_epochs(5)
+        plain_batches = [next(iter(plain)) for _ in range(5)]
+        assert fast.state_dict() == plain.state_dict()
+        assert all(torch.equal(batch[0], b[0]) and torch.equal(batch[1], b[1]) for b in plain_batches)
+    with pytest.raises(ValueError, match="one batch per epoch"):
+        IndexBatches(x, y, batch_size=2).repeat_epochs(3)
+
+
+def test_a_logger_with_a_prefix_gets_the_costs_through_log_metrics(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="prefixed", prefix="run")
+    data = RegressionData(function="quadratic", n=40, batch_size=None, val_fraction=0.0)
+    trainer = L.Trainer(
+        max_steps=6, logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(BackpropModule(hidden=[], lr=0.1), data)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert [e.step for e in events.Scalars("run-train/cost")] == list(range(6))
+    assert trainer.progress_bar_metrics["train/cost"] == pytest.approx(trainer.callback_metrics["train/cost"].item())

@@ -213,9 +213,12 @@ def _slope(points: list[tuple[int, int]]) -> float:
 def test_memory_stays_flat_over_many_updates(cli, tmp_path):
     """12,000 updates of the line through the whole command (100,000 take about two minutes here).
 
-    A leak of one tensor a step would cost ≥ 1 allocated block and ≥ 100 bytes a step; Lightning's own
-    bookkeeping measures at ~0.03 blocks and ~3 bytes a step (our step itself allocates nothing that
-    outlives it: test_faults_units). Checkpoints and events are written throughout."""
+    A leak of one small tensor a step (the figures' path once kept a (2,) tensor per update until the next
+    drawing) measured 525 bytes and 0.66 allocated blocks a step. With nothing leaking the slopes measure
+    10 to 30 bytes and 0.06 to 0.15 blocks a step: torch keeps a block now and then as tensors are made
+    (Lightning's checkpoint callback deep-copies its metrics every epoch, the monitor makes its tensors),
+    and the host copy of the cost surface's path grows by 16 bytes a step by design. Checkpoints and events
+    are written throughout."""
     out = tmp_path / "memory.json"
     probe = json.dumps({"class_path": "_probes.MemoryProbe", "init_args": {"path": str(out), "every": 250}})
     done = cli(
@@ -231,4 +234,4 @@ def test_memory_stays_flat_over_many_updates(cli, tmp_path):
     # Judged by the least-squares slopes over all samples: RSS moves in steps of the allocator's arenas
     # (a figure drawn, a checkpoint written), so two single samples (or their medians) can differ by a
     # megabyte while nothing grows per step; a leak of one tensor a step shows as a slope of ≥ 100 B/step.
-    assert rss < 32 and blocks < 0.1, (rss, blocks)
+    assert rss < 100 and blocks < 0.4, (rss, blocks)

@@ -61,8 +61,12 @@ class Convergence(L.Callback):
         if outputs is None:
             return
         # With several updates per call (model.steps_per_call) the step returns every update's cost.
-        costs = outputs.get("costs", outputs["loss"]) if isinstance(outputs, dict) else outputs
-        for value in costs.reshape(-1).tolist():
+        if isinstance(outputs, dict) and "cost_values" in outputs:
+            values = outputs["cost_values"]  # read from the device once already, by the training step
+        else:
+            costs = outputs.get("costs", outputs["loss"]) if isinstance(outputs, dict) else outputs
+            values = costs.reshape(-1).tolist()
+        for value in values:
             if self._per_step(trainer):
                 self._check(trainer, pl_module, value)
             else:

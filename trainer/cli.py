@@ -27,6 +27,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from trainer.allocator import retain_freed_memory
 from trainer.callbacks import Checkpoint, Convergence, Summary
 from trainer.checkpoint_io import AtomicCheckpointIO
 from trainer.data import TensorData
@@ -183,6 +184,7 @@ class HandgradCLI(LightningCLI):
 def make_cli(args: list[str] | None = None, run: bool = True) -> HandgradCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``."""
     _quiet_warnings()
+    retain_freed_memory()  # each update's buffers stay in the process (trainer/allocator.py)
     return HandgradCLI(
         BackpropModule,
         TensorData,

@@ -125,6 +125,16 @@ class IndexBatches:
                 idx = order[a:b]
                 yield self.x[idx], self.y[idx]
 
+    def repeat_epochs(self, k: int) -> tuple[Tensor, Tensor]:
+        """The whole training set as one batch: the batch of each of the next k epochs, which is the same
+        every epoch (no shuffle), handed out once with the epoch count advanced by k, as k iterations of
+        ``iter(self)`` would leave it. Raises ValueError when an epoch has more than one batch."""
+        if len(self) != 1:
+            raise ValueError(f"repeat_epochs needs one batch per epoch; an epoch here has {len(self)}")
+        batch = next(iter(self))  # the next epoch's
+        self.epoch += k - 1
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self.epoch,

@@ -31,6 +31,8 @@ from trainer.optimum import LeastSquares
 FIGSIZE = (5.0, 3.75)  # inches; × dpi gives the pixels
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 MAX_POINTS = 1000  # scatter at most this many examples: enough to see the data, cheap to draw
+PATH_CHUNK = 512  # the cost surface's path leaves the device in chunks of this many points
+PATH_POINTS = 4096  # and keeps at most this many on the host (see Figures._path_to_host)
 
 
 class Canvas:
@@ -307,6 +309,24 @@ class Figures(L.Callback):
     def _record(self, pl_module: L.LightningModule) -> None:
         lin = pl_module.model.linears[0]
         self._path.append(torch.stack((lin.weight.detach()[0, 0], lin.bias.detach()[0])))
+        if len(self._path) >= PATH_CHUNK:
+            self._path_to_host()
+
+    def _path_to_host(self) -> None:
+        """Move the recorded points to the host path in one copy (a host sync every PATH_CHUNK updates):
+        a tensor a step, kept until the next drawing, would grow by 500 bytes a step between drawings.
+
+        Past PATH_POINTS points the path keeps every other point (always the start and the newest), so a
+        run of any length holds and draws a few thousand points: more than the figure has pixels across.
+        """
+        if not self._path:
+            return
+        fresh = torch.stack(self._path).double().cpu().numpy()
+        self._path = []
+        path = np.concatenate([self._path_host, fresh])
+        if len(path) > PATH_POINTS:
+            path = np.concatenate([path[:1], path[:0:-2][::-1]])  # the start, then every other from the newest
+        self._path_host = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._writer is None:
@@ -382,10 +402,7 @@ class Figures(L.Callback):
         return self._built["quadratic"]
 
     def _draw_surface(self, dm, pl_module, step: int) -> np.ndarray:
-        if self._path:
-            fresh = torch.stack(self._path).double().cpu().numpy()
-            self._path_host = np.concatenate([self._path_host, fresh])
-            self._path = []
+        self._path_to_host()
         path = self._path_host
         figure = self._built.get("surface")
         if figure is None:

@@ -63,14 +63,13 @@ class SGD(torch.optim.Optimizer):
             with torch.no_grad():
                 return self.update()
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
+            params = group["params"]
+            grads = [p.grad for p in params]
             if any(g is None for g in grads):  # a parameter that got no gradient is left as it is
-                params = [p for p, g in zip(group["params"], grads, strict=True) if g is not None]
+                params = [p for p, g in zip(params, grads, strict=True) if g is not None]
                 grads = [g for g in grads if g is not None]
-            else:
-                params = group["params"]
-            if not params:
-                continue
+                if not params:
+                    continue
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
             if weight_decay:
                 grads = torch._foreach_add(grads, params, alpha=weight_decay)  # g + λ·p

@@ -79,7 +79,11 @@ class StepGroups:
     def __iter__(self) -> Iterator[StepGroup]:
         if self.full_batch:
             # Every epoch is the same one batch: k epochs of gradient descent make one call.
-            yield StepGroup([next(iter(self.batches)) for _ in range(self.steps_per_call)])
+            k = self.steps_per_call
+            if hasattr(self.batches, "repeat_epochs"):
+                yield StepGroup([self.batches.repeat_epochs(k)] * k)  # one look-up for the k equal batches
+            else:
+                yield StepGroup([next(iter(self.batches)) for _ in range(k)])
             return
         epoch = iter(self.batches)
         while group := list(islice(epoch, self.steps_per_call)):
