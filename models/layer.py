@@ -10,7 +10,8 @@ training step uses to skip work autograd would skip too:
 
 - ``accumulate=False`` writes ∂C/∂θ into the ``.grad`` buffers already there (``out=``) instead of adding
   to them: bit for bit what ``zero_grad(set_to_none=True)`` then ``backward()`` gives, with no zeroing,
-  no fresh allocation and no extra pass over memory;
+  no fresh allocation and no extra pass over memory (a product on oneDNN, ``models/gemm.py``, has no
+  ``out=``: its ``.grad`` is a fresh tensor each step, as after ``set_to_none``);
 - ``input_grad=False`` skips ∂C/∂input (and returns None): the first layer's input is the data, and no
   one needs the gradient of the data.
 """
