@@ -100,10 +100,8 @@ class SoftmaxCrossEntropy(Loss):
         # Backward needs softmax(z) − onehot(y) only: made here from the exponentials already at hand (one
         # division), and kept instead of the logits, lse and targets.
         if self.training:
-            if exps.requires_grad:  # under autograd (a gradient check) exps is in the graph: leave it be
-                grad = exps.detach() / sums.detach()
-            else:  # exps is ours alone now: softmax in place
-                grad = exps.div_(sums)
+            # softmax in place, unless autograd is recording (a gradient check): then exps is in its graph
+            grad = exps.detach() / sums.detach() if exps.requires_grad else exps.div_(sums)
             grad.scatter_add_(1, index, torch.full_like(picked, -1.0).unsqueeze(1))  # (N, K) softmax − onehot
             self._save(grad)
         else:

@@ -546,7 +546,7 @@ def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
 
 
 comparison("loop.line", 2.0)(_loop("line", (5, 16), (7, 40)))
-comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (5, 10), (7, 20)))
+comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (7, 20), (9, 40)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -570,3 +570,56 @@ def test_a_logger_with_a_prefix_gets_the_costs_through_log_metrics(tmp_path: Pat
     events.Reload()
     assert [e.step for e in events.Scalars("run-train/cost")] == list(range(6))
     assert trainer.progress_bar_metrics["train/cost"] == pytest.approx(trainer.callback_metrics["train/cost"].item())
+
+
+class _HookLog(L.Callback):
+    """Every on_before_optimizer_step: the step and whether the gradients are there (the Monitor reads them)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.calls.append((trainer.global_step, all(p.grad is not None for p in pl_module.model.parameters())))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_direct_optimizer_step_equals_lightnings(monkeypatch, k: int) -> None:
+    def run(direct: bool) -> tuple[L.Trainer, BackpropModule, _HookLog]:
+        if not direct:
+            monkeypatch.setattr(BackpropModule, "_direct_step", lambda self, opt: None)
+        torch.manual_seed(0)
+        module = BackpropModule(hidden=[5], activation="tanh", lr=0.05, momentum=0.5, steps_per_call=k)
+        data = RegressionData(function="sine", n=48, batch_size=16, val_fraction=0.0)
+        log = _HookLog()
+        trainer = L.Trainer(
+            max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[log],
+        )  # fmt: skip
+        trainer.fit(module, data)
+        monkeypatch.undo()
+        return trainer, module, log
+
+    (direct, direct_module, direct_log), (plain, plain_module, plain_log) = run(True), run(False)
+    assert direct.global_step == plain.global_step == 10
+    assert direct_log.calls == plain_log.calls and direct_log.calls  # the same hooks at the same steps
+    assert all(has_grads for _, has_grads in direct_log.calls)
+    for p, q in zip(direct_module.parameters(), plain_module.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_direct_optimizer_step_stands_aside_for_optimizer_hooks() -> None:
+    module = BackpropModule(hidden=[], lr=0.1)
+    data = RegressionData(function="quadratic", n=20, batch_size=None, val_fraction=0.0)
+    seen = []
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+
+    class Hooked(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            trainer.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: seen.append(len(seen)))
+
+    trainer.callbacks.append(Hooked())
+    trainer.fit(module, data)
+    assert seen == [0, 1, 2]  # a step hook on the optimizer: Lightning's own opt.step() ran, and with it the hook

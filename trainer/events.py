@@ -16,6 +16,7 @@ logs through the logger as usual.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from typing import Any
 
@@ -47,10 +48,45 @@ class FramedRecords:
 
 
 class FramedRecordWriter(RecordWriter):
-    """tensorboard's RecordWriter with a C CRC, that also writes ``FramedRecords`` as they are."""
+    """tensorboard's RecordWriter with a C CRC, that also takes ``FramedRecords``, and that holds records
+    until a flush (or ``HOLD_BYTES``) instead of handing each to the file on its own.
+
+    tensorboard's local file object opens the file, appends and closes it for every write: 100 µs of
+    system calls a record, which on a 22 ms update of a large MLP was 0.5 % of the run. The writer thread
+    flushes every ``flush_secs``, and the training step saves the logger at most once a second, so a record
+    reaches the file within about a second, as before a record reached TensorBoard's reader.
+    """
+
+    HOLD_BYTES = 1 << 20
+
+    def __init__(self, writer: Any) -> None:
+        super().__init__(writer)
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._lock = threading.Lock()  # the writer thread and a flush from the training thread
 
     def write(self, data: bytes | FramedRecords) -> None:
-        self._writer.write(data.blob if isinstance(data, FramedRecords) else frame(data))
+        record = data.blob if isinstance(data, FramedRecords) else frame(data)
+        with self._lock:
+            self._held.append(record)
+            self._held_bytes += len(record)
+            if self._held_bytes >= self.HOLD_BYTES:
+                self._write_held()
+
+    def _write_held(self) -> None:
+        if self._held:
+            self._writer.write(b"".join(self._held))
+            self._held, self._held_bytes = [], 0
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write_held()
+            self._writer.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._write_held()
+            self._writer.close()
 
 
 def scalar_event(step: int, values: dict[str, float], wall_time: float) -> bytes:

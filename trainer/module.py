@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -287,8 +288,8 @@ class BackpropModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor] | StepGroup, batch_idx: int) -> dict[str, Tensor] | None:
         """One update per batch: the one batch, or each of a ``StepGroup``'s k (``steps_per_call``).
 
-        All but the last update of a call use our SGD directly and are counted here; the last goes through
-        Lightning's optimizer step, which counts it and runs its hooks (``on_before_optimizer_step``).
+        All but the last update of a call use our SGD directly and are counted here; the last also runs the
+        ``on_before_optimizer_step`` hooks, as Lightning's optimizer step does (``_direct_step``).
         Every update's cost is logged at its own step (see ``_log_each_update``).
         """
         opt = self.optimizers()
@@ -296,10 +297,11 @@ class BackpropModule(L.LightningModule):
         batches = batch.batches if isinstance(batch, StepGroup) else [batch]
         if self.trainer.max_steps >= 0:
             batches = batches[: max(self.trainer.max_steps - first, 0)]  # never past max_steps
+        last_step = self._direct_step(opt) or opt.step
         costs, accuracies = [], []
         for i, (x, y) in enumerate(batches):
             last = i == len(batches) - 1
-            cost, accuracy = self.update(x, y, opt.step if last else opt.optimizer.update)
+            cost, accuracy = self.update(x, y, last_step if last else opt.optimizer.update)
             costs.append(cost)
             if not last:
                 self._count_update()
@@ -332,6 +334,45 @@ class BackpropModule(L.LightningModule):
         # every epoch, and torch keeps a little memory for each deep copy of a view
         connector._callback_metrics["train/cost"] = cost.clone()
         connector._progress_bar_metrics["train/cost"] = value
+
+    def _direct_step(self, opt: Any) -> Callable[[], None] | None:
+        """The optimizer step of a call's last update as Lightning's ``opt.step()`` makes it, without its
+        wrappers; None where those wrappers may do more, and ``opt.step()`` must run.
+
+        With the plain precision plugin, the single-device or DDP strategy (no model averaging) and no
+        optimizer step hooks, ``opt.step()`` counts the update, runs the ``on_before_optimizer_step`` hooks of
+        the callbacks and the module (Monitor and GradientCheck read the gradients there), then steps; in
+        manual optimization it clips nothing. This does the same in the same order, without the layers of
+        strategy, precision plugin, closure and ``torch.optim`` profiling wrapper around it (0.3 ms a call
+        on a 2-core CPU: 1.5 % of a large MLP's update, more than a small model's whole update).
+        """
+        from lightning.pytorch.plugins.precision import Precision
+        from lightning.pytorch.strategies import DDPStrategy, Strategy
+        from lightning.pytorch.trainer import call
+        from torch.optim import optimizer as torch_optimizer
+
+        trainer = self.trainer
+        optimizer = opt.optimizer
+        precision, strategy = type(trainer.precision_plugin), type(trainer.strategy)
+        if not (
+            precision.optimizer_step is Precision.optimizer_step  # plain 32- and 64-bit: no scaler, no autocast
+            and precision._after_closure is Precision._after_closure
+            and strategy.optimizer_step in (Strategy.optimizer_step, DDPStrategy.optimizer_step)
+            and getattr(trainer.strategy, "_model_averager", None) is None
+            and isinstance(optimizer, SGD)
+            and not (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks)
+            and not (torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks)
+        ):
+            return None
+
+        def step() -> None:
+            opt._on_before_step()  # the manual-optimization loop's count: an update is ready
+            call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
+            call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
+            optimizer.update()
+            opt._on_after_step()  # and completed: global_step advances
+
+        return step
 
     def _count_update(self) -> None:
         """Count an update made without Lightning's optimizer wrapper, as the wrapper does: global_step is
