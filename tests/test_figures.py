@@ -47,6 +47,20 @@ def test_budget_keeps_the_overhead_below_its_share(step_s, work_s):
     assert budget.spent <= 0.02 * elapsed + work_s  # within the share, but for the first piece
 
 
+def test_budget_with_a_first_cost_waits_until_it_is_earned():
+    clock = FakeClock()
+    budget = TimeBudget(every_n_steps=10, max_overhead=0.01, clock=clock, first_cost=0.02)
+    assert not budget.due(0)  # 0.02 s would be all of the first seconds
+    clock.now = 1.0
+    assert not budget.due(10)  # 1 % of 1 s is 0.01 s
+    clock.now = 2.5
+    assert budget.due(10)
+    with budget.timed(10):
+        clock.now += 0.005  # cheaper than assumed: the measured cost is the estimate from now on
+    clock.now = 3.0
+    assert budget.due(20)  # 0.005 + 0.005 s ≤ 1 % of 3 s
+
+
 def test_budget_settings_are_checked():
     with pytest.raises(ValueError, match=r"figures.max_overhead = 0 is invalid"):
         TimeBudget(10, 0, key="figures")
