@@ -1,4 +1,4 @@
-"""The figures: drawn right, drawn rarely enough, and within their share of the time."""
+"""The figures and histograms: drawn right, drawn rarely enough, and within their share of the time."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from trainer.budget import TimeBudget
 from trainer.data import ClassificationData, LineData
 from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure
+from trainer.monitor import HISTOGRAM_BINS, histogram_value
 from trainer.optimum import LeastSquares, squared_error
 
 
@@ -110,6 +111,24 @@ def test_decision_regions_draw_the_classes():
     zeros = figure.draw(np.zeros((20, 20), dtype=int), "step 0").copy()
     halves = figure.draw(np.repeat([[0] * 10 + [1] * 10], 20, axis=0), "step 0")
     assert not np.array_equal(zeros, halves)  # the right half changed class
+
+
+def test_histogram_buckets_count_the_values():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(40, 30, generator=gen)
+    values[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])  # left out
+    finite = values[values.isfinite()].double()
+    histo = histogram_value("weights/w", values).histo
+    assert histo.num == finite.numel() == 1197
+    assert histo.min == finite.min().item() and histo.max == finite.max().item()
+    torch.testing.assert_close(histo.sum, finite.sum().item())
+    torch.testing.assert_close(histo.sum_squares, (finite * finite).sum().item())
+    assert len(histo.bucket) == len(histo.bucket_limit) == HISTOGRAM_BINS
+    lefts = [histo.min, *histo.bucket_limit[:-1]]
+    for i, (lo, hi) in enumerate(zip(lefts, histo.bucket_limit, strict=True)):
+        inside = (finite >= lo) & ((finite < hi) if i < HISTOGRAM_BINS - 1 else (finite <= hi))
+        assert histo.bucket[i] == inside.sum().item(), i
+    assert histogram_value("grads/w", torch.full((3,), float("nan"))) is None
 
 
 def test_invalid_figure_settings():
