@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tb_helpers import QUIET, ROOT
 
 from trainer.budget import TimeBudget
 from trainer.data import ClassificationData, LineData
-from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure
+from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure, _ellipses, png
 from trainer.monitor import HISTOGRAM_BINS, histogram_value
 from trainer.optimum import LeastSquares, squared_error
 
@@ -111,6 +116,50 @@ def test_decision_regions_draw_the_classes():
     zeros = figure.draw(np.zeros((20, 20), dtype=int), "step 0").copy()
     halves = figure.draw(np.repeat([[0] * 10 + [1] * 10], 20, axis=0), "step 0")
     assert not np.array_equal(zeros, halves)  # the right half changed class
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_holds_the_pixels(channels):
+    """Decoded by PIL, the PNG gives back every pixel (an RGBA array loses only its alpha)."""
+    gen = np.random.default_rng(0)
+    picture = gen.integers(0, 256, size=(37, 53, channels), dtype=np.uint8)
+    picture[:10] = 255  # flat rows, as most of a figure
+    decoded = np.asarray(Image.open(io.BytesIO(png(picture))))
+    assert decoded.shape == (37, 53, 3)
+    np.testing.assert_array_equal(decoded, picture[..., :3])
+
+
+def test_the_ellipses_are_the_contours_of_the_cost():
+    dm = LineData()
+    quad = LeastSquares(dm.x_train, dm.y_train, "mean")
+    gaps = np.array([1e-3, 0.1, 2.0])
+    contours = _ellipses(quad, gaps)  # (3, points, 2)
+    costs = quad.costs(torch.from_numpy(contours[..., 0]), torch.from_numpy(contours[..., 1])).numpy()
+    np.testing.assert_allclose(costs - quad.cost, np.broadcast_to(gaps[:, None], costs.shape), rtol=1e-9)
+
+
+def test_the_cost_surface_path_is_gradient_descent(tmp_path):
+    """The (slope, intercept) recorded after every update are torch.optim.SGD's on autograd's cost."""
+    from trainer.cli import make_cli
+
+    steps = 25
+    args = ["--config", str(ROOT / "configs/line.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += ["--trainer.max_steps", str(steps), "--convergence.tol", "0", *QUIET]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = make_cli(args, run=False)
+    x, y, lr = cli.datamodule.x_train, cli.datamodule.y_train, cli.model.hparams.lr
+    theta = torch.tensor([cli.model.hparams.slope, cli.model.hparams.intercept], requires_grad=True)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
+    path = figures._path()
+    assert path.shape == (steps + 1, 2)
+    opt = torch.optim.SGD([theta], lr=lr)
+    for k in range(steps + 1):
+        torch.testing.assert_close(path[k], theta.detach().double().numpy(), rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        ((theta[0] * x + theta[1] - y) ** 2).mean().backward()
+        opt.step()
 
 
 def test_histogram_buckets_count_the_values():
