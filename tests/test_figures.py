@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import sys
 import warnings
 
 import numpy as np
@@ -178,6 +180,27 @@ def test_histogram_buckets_count_the_values():
         inside = (finite >= lo) & ((finite < hi) if i < HISTOGRAM_BINS - 1 else (finite <= hi))
         assert histo.bucket[i] == inside.sum().item(), i
     assert histogram_value("grads/w", torch.full((3,), float("nan"))) is None
+
+
+def test_the_benchmark_compares_fits_with_and_without_pictures(tmp_path):
+    """figures.<config> are registered; a tiny run of the same measurement gives a finite ratio."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    for name in ("figures.line", "figures.mlp_classification"):
+        assert benchmark.COMPARISONS[name].target == 1.05
+    cpu = torch.device("cpu")
+    settings = benchmark.Settings(cpu, True, benchmark.Clock(cpu), tmp_path)
+    result = benchmark.pictures_comparison(settings, "figures.tiny", "configs/line.yaml", updates=5, repeats=1)
+    assert math.isfinite(result.ratio) and result.ratio > 0
+    fits = [row for row in result.rows if row["side"] in ("ours", "reference")]
+    assert [row["side"] for row in fits] == ["ours", "reference", "reference", "ours"]
+    assert all(row["figure_sets"] >= 1 for row in fits if row["side"] == "ours")
+    assert all(row["figure_sets"] == 0 == row["pictures_seconds"] for row in fits if row["side"] == "reference")
+    (once,) = [row for row in result.rows if row["side"] == "ours, once per process"]
+    assert once["total"] == once["import_after_trainer"] + once["first_use"] >= 0
+    for row in fits:  # ours carries the once-a-process cost on top of its fit
+        assert row["seconds"] == row["fit_seconds"] + (once["total"] if row["side"] == "ours" else 0.0)
 
 
 def test_invalid_figure_settings():
