@@ -669,7 +669,10 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
     """``trainer.fit`` of ``config`` for ``updates`` updates with every picture at its default (ours), plus
     what a fresh process pays for them once, ÷ the same fit with figures and histograms off (reference).
 
-    After a 1-update warm-up of each side, ``repeats`` interleaved quads (A B B A, then B A A B, …).
+    After a 1-update warm-up of each side, ``repeats`` interleaved quads (A B B A, then B A A B, …); a quad's
+    ratio is the quicker of its two fits with pictures ÷ the quicker of its two without (a busy moment of
+    the machine only ever adds time: one such fit moved a quad's ratio of means by 10 %), and the result is
+    the median over the quads.
     """
     kind = "cpu" if s.clock.kind == "cpu" else "wall"
     once = once_per_process([config], kind, s.device.type)[config]
@@ -689,7 +692,7 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
             got[side].append(seconds)
             row = {"comparison": name, "side": side, "repeat": r, "updates": updates, **fit}
             rows.append({**row, "fit_seconds": fit["seconds"], "seconds": seconds})
-        quads.append((statistics.fmean(got["ours"]), statistics.fmean(got["reference"])))
+        quads.append((min(got["ours"]), min(got["reference"])))
     rows.append({"comparison": name, "side": "ours, once per process", **once})
     note = (
         f"{updates} updates; ours + {1e3 * once['total']:.0f} ms once a process (first pictures "
