@@ -20,6 +20,9 @@ is timed by a pair of CUDA events, the loops by wall time after a synchronize.
     loop.<case>   time per update through Trainer.fit (TensorBoard logging on) ÷ a bare loop making the
                   same updates on the same data
     memory.mlp_l  bytes our layers keep for backward ÷ bytes autograd saves for backward
+    figures.<config>  Trainer.fit of configs/<config>.yaml at its real length with the figures and histograms
+                  at their defaults, plus what a fresh process pays for them once (matplotlib's import
+                  where the trainer's own imports have not done it, first draws) ÷ the same fit with them off
 
 A new comparison is one function registered with ``@comparison("name", target)`` that returns a
 ``Result``; ``--only`` picks comparisons by name.
@@ -547,6 +550,185 @@ def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
 
 comparison("loop.line", 2.0)(_loop("line", (5, 16), (7, 40)))
 comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (7, 20), (9, 40)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# figures.<config>: trainer.fit with the pictures at their defaults against the same fit without them
+
+# Each config at its real length: the line's convergence stop ends it after 630 updates, the classification
+# config runs its max_steps. A shorter run would only inflate the share of the sets drawn at the start and end.
+PICTURE_RUNS: dict[str, tuple[str, int]] = {
+    "line": ("configs/line.yaml", 630),
+    "mlp_classification": ("configs/mlp_classification.yaml", 2000),
+}
+PICTURES_OFF = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
+# The same length every time (the stop's test off, max_steps set), and no terminal output.
+QUIET_FIT = ["--convergence.tol", "0", "--progress_bar.refresh_rate", "0", "--summary.verbose", "false"]
+MATPLOTLIB = ("matplotlib.figure", "matplotlib.backends.backend_agg")  # what the figures import
+
+
+def fit_args(config: str, updates: int, save_dir: Path | str, *overrides: str) -> list[str]:
+    """The arguments of ``trainer fit --config config`` for ``updates`` updates, with its runs under ``save_dir``."""
+    args = ["--config", str(ROOT / config), "--trainer.max_steps", str(updates), *QUIET_FIT]
+    return [*args, "--trainer.logger.init_args.save_dir", str(save_dir), *overrides]
+
+
+def timed_fit(args: list[str], stamp: Callable[[], float]) -> dict[str, float]:
+    """Build ``trainer fit`` from ``args`` in this process and time its ``trainer.fit`` on ``stamp``.
+
+    Returns ``seconds`` (the fit), ``pictures_seconds`` (what the figures and histograms timed themselves
+    drawing, the end included), ``figure_sets`` and ``histogram_sets`` (how many were drawn).
+    """
+    from trainer.cli import make_cli
+    from trainer.figures import Figures
+    from trainer.monitor import Histograms
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = make_cli(args, run=False)
+    begin = stamp()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    seconds = stamp() - begin
+    figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
+    histograms = next(c for c in cli.trainer.callbacks if isinstance(c, Histograms))
+    return {
+        "seconds": seconds,
+        "pictures_seconds": figures.spent + histograms.budget.spent,
+        "figure_sets": figures.sets,
+        "histogram_sets": histograms.budget.count,
+    }
+
+
+def _clock_of(kind: str) -> Callable[[], float]:
+    return time.process_time if kind == "cpu" else time.perf_counter
+
+
+def _first_pictures(config: str, kind: str, threads: int, accelerator: str) -> None:
+    """Run in a fresh process by ``once_per_process``: prints its measurements of ``config`` as JSON."""
+    import importlib
+
+    import trainer.cli  # noqa: F401  (what every `trainer fit` imports before it draws anything)
+
+    torch.set_num_threads(threads)
+    clock = _clock_of(kind)
+    begin = clock()
+    for module in MATPLOTLIB:
+        importlib.import_module(module)
+    imported = clock() - begin
+    _quiet()
+    device = ["--trainer.accelerator", accelerator]
+    with tempfile.TemporaryDirectory() as tmp:
+        timed_fit(fit_args(config, 1, tmp, *device, *PICTURES_OFF), clock)  # the first fit's costs, without pictures
+        first, *later = (timed_fit(fit_args(config, 1, tmp, *device), clock)["seconds"] for _ in range(3))
+    print(json.dumps({"import_after_trainer": imported, "first": first, "later": min(later)}))
+
+
+_ONCE: dict[tuple[str, str, str], dict[str, float]] = {}
+
+
+def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[str, dict[str, float]]:
+    """What the pictures cost a fresh process once, which the warm fits of this benchmark no longer pay.
+
+    For each config, in a new interpreter, after the trainer's own imports: the seconds of importing
+    matplotlib's Figure and Agg canvas (``import_after_trainer``: nothing when the trainer's imports already
+    did); then, after a first fit without pictures, 1-update fits with them: the first takes ``first_use``
+    seconds longer than the quickest later one (fonts loaded, caches filled, code run for the first time).
+    ``total``, their sum, is charged to every fit with pictures. ``import_alone`` is the same import in a
+    bare interpreter, for the record. The configs are measured side by side, each in its own process, on
+    ``kind``'s clock; the results are kept for later calls.
+    """
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def python(code: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+
+    def result(process: subprocess.Popen) -> str:
+        out, _ = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"a fresh process measuring the pictures failed (exit {process.returncode})")
+        return out.strip().splitlines()[-1]
+
+    missing = [c for c in configs if (c, kind, accelerator) not in _ONCE]
+    if missing:
+        clock = "process_time" if kind == "cpu" else "perf_counter"
+        alone = python(f"import time; t = time.{clock}(); import {', '.join(MATPLOTLIB)}; print(time.{clock}() - t)")
+        alone = float(result(alone))
+        scripts = str(Path(__file__).resolve().parent)
+        started = {
+            c: python(
+                f"import sys; sys.path.insert(0, {scripts!r}); import benchmark; "
+                f"benchmark._first_pictures({c!r}, {kind!r}, {torch.get_num_threads()}, {accelerator!r})"
+            )
+            for c in missing
+        }
+        for c, process in started.items():
+            got = json.loads(result(process))
+            first_use = max(0.0, got["first"] - got["later"])
+            total = got["import_after_trainer"] + first_use
+            _ONCE[c, kind, accelerator] = {"import_alone": alone, **got, "first_use": first_use, "total": total}
+    return {c: _ONCE[c, kind, accelerator] for c in configs}
+
+
+def pictures_comparison(s: Settings, name: str, config: str, updates: int, repeats: int) -> Result:
+    """``trainer.fit`` of ``config`` for ``updates`` updates with every picture at its default (ours), plus
+    what a fresh process pays for them once, ÷ the same fit with figures and histograms off (reference).
+
+    After a 1-update warm-up of each side, ``repeats`` interleaved quads (A B B A, then B A A B, …); a quad's
+    ratio is the quicker of its two fits with pictures ÷ the quicker of its two without (a busy moment of
+    the machine only ever adds time: one such fit moved a quad's ratio of means by 10 %), and the result is
+    the median over the quads.
+    """
+    kind = "cpu" if s.clock.kind == "cpu" else "wall"
+    once = once_per_process([config], kind, s.device.type)[config]
+    save = s.workdir / name
+    device = ["--trainer.accelerator", s.device.type]
+    sides = {"ours": device, "reference": [*device, *PICTURES_OFF]}
+    for overrides in sides.values():  # warm-up: this process's first fit and first pictures
+        timed_fit(fit_args(config, 1, save, *overrides), s.clock.stamp)
+    rows: list[dict[str, Any]] = []
+    quads: list[tuple[float, float]] = []
+    orders = (["ours", "reference", "reference", "ours"], ["reference", "ours", "ours", "reference"])
+    for r in range(repeats):
+        got: dict[str, list[float]] = {"ours": [], "reference": []}
+        for side in orders[r % 2]:
+            fit = timed_fit(fit_args(config, updates, save, *sides[side]), s.clock.stamp)
+            seconds = fit["seconds"] + (once["total"] if side == "ours" else 0.0)
+            got[side].append(seconds)
+            row = {"comparison": name, "side": side, "repeat": r, "updates": updates, **fit}
+            rows.append({**row, "fit_seconds": fit["seconds"], "seconds": seconds})
+        quads.append((min(got["ours"]), min(got["reference"])))
+    rows.append({"comparison": name, "side": "ours, once per process", **once})
+    note = (
+        f"{updates} updates; ours + {1e3 * once['total']:.0f} ms once a process (first pictures "
+        f"{1e3 * once['first_use']:.0f} ms, matplotlib import {1e3 * once['import_after_trainer']:.0f} ms "
+        f"after the trainer's imports, {1e3 * once['import_alone']:.0f} ms alone)"
+    )
+    return Result(
+        name,
+        statistics.median(o for o, _ in quads),
+        statistics.median(t for _, t in quads),
+        statistics.median(o / t for o, t in quads),
+        "s",
+        rows,
+        note,
+    )
+
+
+def _figures(name: str, repeats: tuple[int, int]) -> Callable[[Settings], Result]:
+    def run(s: Settings) -> Result:
+        config, updates = PICTURE_RUNS[name]
+        kind = "cpu" if s.clock.kind == "cpu" else "wall"
+        once_per_process([c for c, _ in PICTURE_RUNS.values()], kind, s.device.type)  # all side by side, once
+        return pictures_comparison(s, f"figures.{name}", config, updates, s.scale(*repeats))
+
+    return run
+
+
+comparison("figures.line", 1.05)(_figures("line", (3, 6)))  # a short fit: more quads against the noise
+comparison("figures.mlp_classification", 1.05)(_figures("mlp_classification", (1, 4)))
 
 
 # ---------------------------------------------------------------------------------------------------------

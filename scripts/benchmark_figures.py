@@ -1,8 +1,10 @@
-"""What the pictures cost: the figures and histograms, timed inside a run and against runs without them.
+"""What the pictures cost, taken apart: the figures and histograms timed inside a run, against the whole command.
 
 python scripts/benchmark_figures.py [--quick]
 
-Each config runs a fixed number of updates (the convergence stop off) in three variants, interleaved and
+The measure the issue asks for is ``figures.<config>`` in scripts/benchmark.py (``trainer.fit`` with the
+pictures ÷ without, plus what a fresh process pays for them once); this script uses its runs and adds the
+details. Each config runs a fixed number of updates (the convergence stop off) in three variants, interleaved and
 repeated so that a busy moment of a shared machine hits every variant alike:
 
 - ``bare``: no monitor scalars, no live gradient check, no histograms, no figures;
@@ -30,49 +32,27 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OFF_PICTURES = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
+from benchmark import PICTURE_RUNS, PICTURES_OFF, fit_args, timed_fit  # noqa: E402  (scripts/ is on sys.path)
+
 OFF_SCALARS = ["--monitor.every_n_steps", "0", "--gradcheck.every_n_steps", "0"]
-VARIANTS = {"bare": OFF_PICTURES + OFF_SCALARS, "scalars": OFF_PICTURES, "all": []}
-QUIET = ["--convergence.tol", "0", "--progress_bar.refresh_rate", "0", "--summary.verbose", "false"]
-
-
-def _args(config: str, steps: int) -> list[str]:
-    return ["--config", str(ROOT / config), "--trainer.max_steps", str(steps), *QUIET]
+VARIANTS = {"bare": PICTURES_OFF + OFF_SCALARS, "scalars": PICTURES_OFF, "all": []}
 
 
 def _fit(config: str, steps: int, extra: list[str], save_dir: str) -> dict:
-    """One in-process ``trainer fit`` of ``steps`` updates: its seconds and the pictures' own seconds."""
-    from trainer.cli import make_cli
-    from trainer.figures import Figures
-    from trainer.monitor import Histograms
-
-    args = _args(config, steps) + ["--trainer.logger.init_args.save_dir", save_dir, *extra]
-    cli = make_cli(args, run=False)
-    begin = time.perf_counter()
-    cli.trainer.fit(cli.model, cli.datamodule)
-    seconds = time.perf_counter() - begin
-    figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
-    histograms = next(c for c in cli.trainer.callbacks if isinstance(c, Histograms))
-    return {
-        "seconds": seconds,
-        "pictures_seconds": figures.spent + histograms.budget.spent,
-        "figure_sets": figures.budget.count + (1 if figures.spent_end else 0),
-        "histogram_sets": histograms.budget.count,
-    }
+    """One in-process ``trainer fit`` of ``steps`` updates: its wall seconds and the pictures' own seconds."""
+    return timed_fit(fit_args(config, steps, save_dir, *extra), time.perf_counter)
 
 
 def _run(config: str, steps: int, save_dir: str) -> float:
     """The wall seconds of the whole ``trainer fit`` command, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "trainer", "fit", *_args(config, steps)]
-    args += ["--trainer.logger.init_args.save_dir", save_dir]
+    args = [sys.executable, "-m", "trainer", "fit", *fit_args(config, steps, save_dir)]
     begin = time.perf_counter()
     subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True)
     return time.perf_counter() - begin
@@ -86,11 +66,7 @@ def measure(quick: bool = False) -> dict:
     ``pictures_seconds``, ``run_seconds`` and how many figure and histogram sets were drawn.
     """
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    # the line's own run converges after 630 updates; the classification config runs 2000
-    # the runs' real lengths: the line converges after 630 updates, the classification config runs 2000.
-    # Shorter runs would only inflate the share of the figures drawn once at the start and the end.
-    runs = {"configs/line.yaml": 630, "configs/mlp_classification.yaml": 2000}
+    runs = dict(PICTURE_RUNS.values())  # the runs' real lengths
     repeats = 1 if quick else 3
     out: dict = {"quick": quick, "repeats": repeats}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ python scripts/make_figures.py [--out docs/images] [--configs configs/line.yaml 
 Each config is trained exactly as ``make train CONFIG=…`` trains it (``trainer fit --config FILE``, into a
 temporary folder); the images are read back with TensorBoard's EventAccumulator, so what lands in
 docs/images/ is what a user sees in the Images tab. Written: ``<config>_<figure>.png`` for the last frame
-of every figure, and ``<config>_<figure>_start.png`` for the first.
+of every figure, and ``<config>_<figure>_start.png`` for the first where there is an earlier one.
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ def train(config: str, save_dir: Path) -> Path:
 
 
 def extract(run: Path, stem: str, out: Path) -> list[Path]:
-    """Write the first and last frame of every image tag of ``run``; returns the files."""
+    """Write the last frame of every image tag of ``run``, and its first if earlier; returns the files."""
     acc = EventAccumulator(str(run), size_guidance={"images": 0})
     acc.Reload()
     written = []
     for tag in acc.Tags()["images"]:
         frames = acc.Images(tag)
         name = tag.removeprefix("figures/")
-        for suffix, frame in (("", frames[-1]), ("_start", frames[0])):
+        ends = [("", frames[-1])] + ([("_start", frames[0])] if frames[0].step < frames[-1].step else [])
+        for suffix, frame in ends:
             path = out / f"{stem}_{name}{suffix}.png"
             # the same pixels, re-compressed harder than training's fast PNGs: small files for the repository
             Image.open(io.BytesIO(frame.encoded_image_string)).save(path, format="PNG", optimize=True)

@@ -1,14 +1,22 @@
-"""The figures: drawn right, drawn rarely enough, and within their share of the time."""
+"""The figures and histograms: drawn right, drawn rarely enough, and within their share of the time."""
 
 from __future__ import annotations
+
+import io
+import math
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tb_helpers import QUIET, ROOT
 
 from trainer.budget import TimeBudget
 from trainer.data import ClassificationData, LineData
-from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure
+from trainer.figures import CostSurfaceFigure, DecisionRegionsFigure, Figures, FitFigure, _ellipses, png
+from trainer.monitor import HISTOGRAM_BINS, histogram_value
 from trainer.optimum import LeastSquares, squared_error
 
 
@@ -45,6 +53,20 @@ def test_budget_keeps_the_overhead_below_its_share(step_s, work_s):
     elapsed = clock.now
     assert budget.count >= 1
     assert budget.spent <= 0.02 * elapsed + work_s  # within the share, but for the first piece
+
+
+def test_budget_with_a_first_cost_waits_until_it_is_earned():
+    clock = FakeClock()
+    budget = TimeBudget(every_n_steps=10, max_overhead=0.01, clock=clock, first_cost=0.02)
+    assert not budget.due(0)  # 0.02 s would be all of the first seconds
+    clock.now = 1.0
+    assert not budget.due(10)  # 1 % of 1 s is 0.01 s
+    clock.now = 2.5
+    assert budget.due(10)
+    with budget.timed(10):
+        clock.now += 0.005  # cheaper than assumed: the measured cost is the estimate from now on
+    clock.now = 3.0
+    assert budget.due(20)  # 0.005 + 0.005 s ≤ 1 % of 3 s
 
 
 def test_budget_settings_are_checked():
@@ -96,6 +118,89 @@ def test_decision_regions_draw_the_classes():
     zeros = figure.draw(np.zeros((20, 20), dtype=int), "step 0").copy()
     halves = figure.draw(np.repeat([[0] * 10 + [1] * 10], 20, axis=0), "step 0")
     assert not np.array_equal(zeros, halves)  # the right half changed class
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_holds_the_pixels(channels):
+    """Decoded by PIL, the PNG gives back every pixel (an RGBA array loses only its alpha)."""
+    gen = np.random.default_rng(0)
+    picture = gen.integers(0, 256, size=(37, 53, channels), dtype=np.uint8)
+    picture[:10] = 255  # flat rows, as most of a figure
+    decoded = np.asarray(Image.open(io.BytesIO(png(picture))))
+    assert decoded.shape == (37, 53, 3)
+    np.testing.assert_array_equal(decoded, picture[..., :3])
+
+
+def test_the_ellipses_are_the_contours_of_the_cost():
+    dm = LineData()
+    quad = LeastSquares(dm.x_train, dm.y_train, "mean")
+    gaps = np.array([1e-3, 0.1, 2.0])
+    contours = _ellipses(quad, gaps)  # (3, points, 2)
+    costs = quad.costs(torch.from_numpy(contours[..., 0]), torch.from_numpy(contours[..., 1])).numpy()
+    np.testing.assert_allclose(costs - quad.cost, np.broadcast_to(gaps[:, None], costs.shape), rtol=1e-9)
+
+
+def test_the_cost_surface_path_is_gradient_descent(tmp_path):
+    """The (slope, intercept) recorded after every update are torch.optim.SGD's on autograd's cost."""
+    from trainer.cli import make_cli
+
+    steps = 25
+    args = ["--config", str(ROOT / "configs/line.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += ["--trainer.max_steps", str(steps), "--convergence.tol", "0", *QUIET]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = make_cli(args, run=False)
+    x, y, lr = cli.datamodule.x_train, cli.datamodule.y_train, cli.model.hparams.lr
+    theta = torch.tensor([cli.model.hparams.slope, cli.model.hparams.intercept], requires_grad=True)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
+    path = figures._path()
+    assert path.shape == (steps + 1, 2)
+    opt = torch.optim.SGD([theta], lr=lr)
+    for k in range(steps + 1):
+        torch.testing.assert_close(path[k], theta.detach().double().numpy(), rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        ((theta[0] * x + theta[1] - y) ** 2).mean().backward()
+        opt.step()
+
+
+def test_histogram_buckets_count_the_values():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(40, 30, generator=gen)
+    values[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])  # left out
+    finite = values[values.isfinite()].double()
+    histo = histogram_value("weights/w", values).histo
+    assert histo.num == finite.numel() == 1197
+    assert histo.min == finite.min().item() and histo.max == finite.max().item()
+    torch.testing.assert_close(histo.sum, finite.sum().item())
+    torch.testing.assert_close(histo.sum_squares, (finite * finite).sum().item())
+    assert len(histo.bucket) == len(histo.bucket_limit) == HISTOGRAM_BINS
+    lefts = [histo.min, *histo.bucket_limit[:-1]]
+    for i, (lo, hi) in enumerate(zip(lefts, histo.bucket_limit, strict=True)):
+        inside = (finite >= lo) & ((finite < hi) if i < HISTOGRAM_BINS - 1 else (finite <= hi))
+        assert histo.bucket[i] == inside.sum().item(), i
+    assert histogram_value("grads/w", torch.full((3,), float("nan"))) is None
+
+
+def test_the_benchmark_compares_fits_with_and_without_pictures(tmp_path):
+    """figures.<config> are registered; a tiny run of the same measurement gives a finite ratio."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    for name in ("figures.line", "figures.mlp_classification"):
+        assert benchmark.COMPARISONS[name].target == 1.05
+    cpu = torch.device("cpu")
+    settings = benchmark.Settings(cpu, True, benchmark.Clock(cpu), tmp_path)
+    result = benchmark.pictures_comparison(settings, "figures.tiny", "configs/line.yaml", updates=5, repeats=1)
+    assert math.isfinite(result.ratio) and result.ratio > 0
+    fits = [row for row in result.rows if row["side"] in ("ours", "reference")]
+    assert [row["side"] for row in fits] == ["ours", "reference", "reference", "ours"]
+    assert all(row["figure_sets"] >= 1 for row in fits if row["side"] == "ours")
+    assert all(row["figure_sets"] == 0 == row["pictures_seconds"] for row in fits if row["side"] == "reference")
+    (once,) = [row for row in result.rows if row["side"] == "ours, once per process"]
+    assert once["total"] == once["import_after_trainer"] + once["first_use"] >= 0
+    for row in fits:  # ours carries the once-a-process cost on top of its fit
+        assert row["seconds"] == row["fit_seconds"] + (once["total"] if row["side"] == "ours" else 0.0)
 
 
 def test_invalid_figure_settings():

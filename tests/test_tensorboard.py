@@ -11,6 +11,7 @@ from PIL import Image
 from tb_helpers import QUIET, ROOT, built, events, fit, run_main, scalars, summary
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from trainer.figures import DPI, FIGSIZE
 from trainer.optimum import least_squares, squared_error
 
 LINE_STEPS = 120
@@ -107,14 +108,16 @@ def test_line_lr_bound_is_two_over_the_hessians_largest_eigenvalue(line_run, tmp
     torch.testing.assert_close(bound, 2.0 / torch.linalg.eigvalsh(hessian).max().item(), rtol=1e-6, atol=0)
 
 
-def test_line_figures_start_and_end(line_run):
+def test_line_figures_after_the_start_and_at_the_end(line_run):
+    """The fit and the cost surface show the start in every frame, so they have none at step 0."""
     _, acc, _ = line_run
     for tag in ("figures/fit", "figures/cost_surface"):
         images = acc.Images(tag)
         steps = [i.step for i in images]
-        assert steps[0] == 0 and steps[-1] == LINE_STEPS, (tag, steps)
+        assert steps[-1] == LINE_STEPS and 0 not in steps, (tag, steps)
         picture = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
-        assert picture.shape == (images[-1].height, images[-1].width, 3) == (375, 500, 3)
+        size = (int(FIGSIZE[1] * DPI), int(FIGSIZE[0] * DPI), 3)
+        assert picture.shape == (images[-1].height, images[-1].width, 3) == size
         assert picture.std() > 10  # not a blank canvas
 
 
@@ -142,6 +145,8 @@ def test_classification_logs_every_tag(classification_run):
     assert "train/optimum_gap" not in tags["scalars"] and "train/lr_bound" not in tags["scalars"]
     assert {f"weights/{n}" for n in names} | {f"grads/{n}" for n in names} <= set(tags["histograms"])
     assert tags["images"] == ["figures/decision_regions"]
+    steps = [i.step for i in acc.Images("figures/decision_regions")]
+    assert steps[0] == 0 and steps[-1] == CLASSIFICATION_STEPS, steps  # a frame at the start, and the end
     result = summary(run)
     assert 0.0 <= result["final_train_accuracy"] <= 1.0 and 0.0 <= result["final_val_accuracy"] <= 1.0
 

@@ -3,9 +3,11 @@
 With the whole dataset a step, an epoch is a single update that may take a millisecond, so "every few
 epochs" cannot be counted in epochs. A ``TimeBudget`` counts in updates and in seconds instead: the work
 runs at most every ``every_n_steps`` updates, and only while the time it has taken so far, plus what it
-took last time, stays within ``max_overhead`` of the time training has run. The first piece of work runs
-at once; its cost is then paid back before the next. The overhead therefore stays below ``max_overhead``
-of a run, apart from the work done once at the end.
+took last time, stays within ``max_overhead`` of the time training has run. Before any piece has run, the
+next is assumed to take ``first_cost`` seconds: with 0 the first runs at once and its cost is then paid
+back before the next; with an estimate, it waits until training has run long enough to pay for it. The
+overhead therefore stays below ``max_overhead`` of a run, apart from a first piece run at once and the
+work done once at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class TimeBudget:
         max_overhead: the share of training time the work may take, in (0, 1].
         key: the config key prefix for error messages, e.g. ``figures``.
         clock: seconds, monotonic (a fake one in tests).
+        first_cost: the seconds a piece is assumed to take until one has been timed.
 
     Raises:
         ConfigError: for a negative ``every_n_steps`` or a ``max_overhead`` outside (0, 1].
@@ -36,6 +39,7 @@ class TimeBudget:
         max_overhead: float,
         key: str = "budget",
         clock: Callable[[], float] = time.perf_counter,
+        first_cost: float = 0.0,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ConfigError(
@@ -44,13 +48,14 @@ class TimeBudget:
         if not 0.0 < max_overhead <= 1.0:
             raise ConfigError(f"{key}.max_overhead = {max_overhead!r} is invalid: use a share of the time in (0, 1]")
         self.every_n_steps, self.max_overhead, self.clock = every_n_steps, max_overhead, clock
+        self.first_cost = first_cost
         self.start()
 
     def start(self) -> None:
         """Start the clock (at the start of training) and forget any earlier work."""
         self.started = self.clock()
         self.spent = 0.0  # seconds taken by the work so far
-        self.last_cost = 0.0  # seconds the last piece took: the estimate of the next
+        self.last_cost = self.first_cost  # seconds the last piece took: the estimate of the next
         self.last_step: int | None = None
         self.count = 0
 
