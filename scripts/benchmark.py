@@ -555,10 +555,10 @@ comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (7, 20), (9, 40)))
 # ---------------------------------------------------------------------------------------------------------
 # figures.<config>: trainer.fit with the pictures at their defaults against the same fit without them
 
-# Each config at its real length: the line's convergence stop ends it after 630 updates, the classification
+# Each config at its real length: the line's convergence stop ends it after 487 updates, the classification
 # config runs its max_steps. A shorter run would only inflate the share of the sets drawn at the start and end.
 PICTURE_RUNS: dict[str, tuple[str, int]] = {
-    "line": ("configs/line.yaml", 630),
+    "line": ("configs/line.yaml", 487),
     "mlp_classification": ("configs/mlp_classification.yaml", 2000),
 }
 PICTURES_OFF = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
@@ -754,20 +754,21 @@ def _format_value(value: float, unit: str) -> str:
 
 
 def format_table(results: list[Result], header: str) -> str:
+    width = max([14, *(len(r.name) for r in results)])
     lines = [header, ""]
-    lines.append(f"{'comparison':<14} {'ours':>12} {'reference':>12} {'ratio':>7} {'target':>7}  met  note")
-    lines.append("-" * 80)
+    lines.append(f"{'comparison':<{width}} {'ours':>12} {'reference':>12} {'ratio':>7} {'target':>7}  met  note")
+    lines.append("-" * (width + 66))
     for r in results:
         target = COMPARISONS[r.name].target
         met = "yes" if r.ratio <= target else "NO"
         lines.append(
-            f"{r.name:<14} {_format_value(r.ours, r.unit):>12} {_format_value(r.reference, r.unit):>12} "
+            f"{r.name:<{width}} {_format_value(r.ours, r.unit):>12} {_format_value(r.reference, r.unit):>12} "
             f"{r.ratio:7.3f} {target:7.2f}  {met:<4} {r.note}"
         )
     lines.append("")
     lines.append("ratios (ours ÷ reference, lower is better):")
     for r in results:
-        lines.append(f"  {r.name:<14} {r.ratio:.3f}  (target ≤ {COMPARISONS[r.name].target:g})")
+        lines.append(f"  {r.name:<{width}} {r.ratio:.3f}  (target ≤ {COMPARISONS[r.name].target:g})")
     return "\n".join(lines)
 
 
