@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
@@ -50,6 +51,17 @@ class HandgradDDPStrategy(DDPStrategy):
                 "which handgrad does not use (its gradients are hand-written and all-reduced by "
                 "BackpropModule.sync_gradients); remove the option"
             )
+
+    def teardown(self) -> None:
+        """Lightning's teardown; then, in a process that ``ddp_spawn`` (or fork) started, the process group's
+        end: that process exits next, and a gloo group still alive then may abort it at exit ("terminate
+        called without an active exception", SIGABRT, seen in about one run in six). All ranks meet in a
+        barrier first, so none leaves while another still talks to it."""
+        super().teardown()
+        spawned = self._start_method in ("spawn", "fork", "forkserver")
+        if spawned and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def configure_ddp(self) -> None:
         """Instead of wrapping: every rank takes rank 0's parameters (and buffers), once, before the first step."""
