@@ -43,13 +43,13 @@ def _from_env() -> str:
     return name
 
 
-_backend = _from_env()
-# the smallest product that may go to oneDNN (0 for ``onednn``; never reached for ``torch``): a layer
-# compares its own m·k·n with it before anything else, so a small model pays one comparison
-min_macs = {"auto": MIN_MACS, "onednn": 0, "torch": 1 << 62}[_backend]
-# False on the ``torch`` backend: the layers then also skip their own shortcuts (Linear's one-neuron form),
-# so a forward and backward run exactly the kernels torch.nn + autograd run
-shortcuts = _backend != "torch"
+_backend = "auto"
+# Derived from the backend by set_backend, kept as plain attributes because a layer reads them on every call:
+# the smallest product that may go to oneDNN (0 for ``onednn``; never reached for ``torch``), compared with a
+# layer's m·k·n before anything else, so a small model pays one comparison; and whether the layers may take
+# their own shortcuts (Linear's one-neuron form): not on ``torch``, where every kernel is autograd's.
+min_macs = MIN_MACS
+shortcuts = True
 _onednn_ok: bool | None = None  # the self-test's verdict, once run
 
 
@@ -66,6 +66,9 @@ def set_backend(name: str) -> None:
     _backend = name
     min_macs = {"auto": MIN_MACS, "onednn": 0, "torch": 1 << 62}[name]
     shortcuts = name != "torch"
+
+
+set_backend(_from_env())
 
 
 @contextmanager

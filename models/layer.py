@@ -51,19 +51,7 @@ def _hooks_on(module: nn.Module) -> bool:
 
 def _plain_call(module: nn.Module) -> bool:
     """Whether calling ``module`` only calls its forward: no hook, tracing or compilation is in play."""
-    m = _nn_module
-    return not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or module._compiled_call_impl is not None
-        or m._global_forward_hooks
-        or m._global_forward_pre_hooks
-        or m._global_backward_hooks
-        or m._global_backward_pre_hooks
-        or torch._C._get_tracing_state()
-    )
+    return not (_hooks_on(module) or _hooks_on_every_module())
 
 
 class Layer(nn.Module):

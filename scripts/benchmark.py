@@ -197,6 +197,21 @@ class Result:
     rows: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
 
+    @classmethod
+    def of_pairs(
+        cls, name: str, pairs: list[tuple[float, float]], rows: list[dict[str, Any]], note: str = ""
+    ) -> Result:
+        """The medians over repeated (ours, reference) measurements: of each side, and of their ratios."""
+        return cls(
+            name,
+            statistics.median(o for o, _ in pairs),
+            statistics.median(t for _, t in pairs),
+            statistics.median(o / t for o, t in pairs),
+            "s",
+            rows,
+            note,
+        )
+
 
 def interleaved(
     name: str,
@@ -227,14 +242,7 @@ def interleaved(
             got[side].append(seconds)
             rows.append({"comparison": name, "side": side, "repeat": r, "calls": calls, "seconds": seconds})
         quads.append((statistics.fmean(got["ours"]), statistics.fmean(got["reference"])))
-    return Result(
-        name,
-        statistics.median(o for o, _ in quads),
-        statistics.median(t for _, t in quads),
-        statistics.median(o / t for o, t in quads),
-        "s",
-        rows,
-    )
+    return Result.of_pairs(name, quads, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,15 +543,7 @@ def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
                     }
                 )
             pairs.append((got["fit"], got["bare"]))
-        return Result(
-            f"loop.{case_name}",
-            statistics.median(o for o, _ in pairs),
-            statistics.median(t for _, t in pairs),
-            statistics.median(o / t for o, t in pairs),
-            "s",
-            rows,
-            note=f"steps_per_call={case.steps_per_call}",
-        )
+        return Result.of_pairs(f"loop.{case_name}", pairs, rows, note=f"steps_per_call={case.steps_per_call}")
 
     return run
 
@@ -706,15 +706,7 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
         f"{1e3 * once['first_use']:.0f} ms, matplotlib import {1e3 * once['import_after_trainer']:.0f} ms "
         f"after the trainer's imports, {1e3 * once['import_alone']:.0f} ms alone)"
     )
-    return Result(
-        name,
-        statistics.median(o for o, _ in quads),
-        statistics.median(t for _, t in quads),
-        statistics.median(o / t for o, t in quads),
-        "s",
-        rows,
-        note,
-    )
+    return Result.of_pairs(name, quads, rows, note)
 
 
 def _figures(name: str, repeats: tuple[int, int]) -> Callable[[Settings], Result]:

@@ -19,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from _util import quiet_trainer, scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -292,17 +293,7 @@ def test_float64_run_matches_torch_sgd(tmp_path: Path) -> None:
     """``precision: 64-true``: the data and parameters are float64, and the run is torch.optim.SGD's to 1e-12."""
     data = LineData(n=40, batch_size=None, val_fraction=0.0)
     model = BackpropModule(hidden=[], lr=0.05, slope=1.0, intercept=0.0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="64-true",
-        max_steps=50,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, precision="64-true", max_steps=50)
     trainer.fit(model, datamodule=data)
     assert data.x_train.dtype == data.y_train.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in model.model.parameters())
@@ -362,9 +353,7 @@ def _summary(save_dir: Path) -> dict:
 
 def _scalars(run: Path, tag: str) -> list[float]:
     """Every value of ``tag`` in the TensorBoard events of ``run``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return [e.value for e in EventAccumulator(str(run)).Reload().Scalars(tag)]
+    return [value for _, value in scalars(run, tag)]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import quiet_trainer
 from torch import Tensor
 
 from models import MLP, Linear, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh
@@ -561,10 +562,7 @@ def test_a_logger_with_a_prefix_gets_the_costs_through_log_metrics(tmp_path: Pat
 
     logger = TensorBoardLogger(str(tmp_path), name="prefixed", prefix="run")
     data = RegressionData(function="quadratic", n=40, batch_size=None, val_fraction=0.0)
-    trainer = L.Trainer(
-        max_steps=6, logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_steps=6, logger=logger)
     trainer.fit(BackpropModule(hidden=[], lr=0.1), data)
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -591,10 +589,7 @@ def test_the_direct_optimizer_step_equals_lightnings(monkeypatch, k: int) -> Non
         module = BackpropModule(hidden=[5], activation="tanh", lr=0.05, momentum=0.5, steps_per_call=k)
         data = RegressionData(function="sine", n=48, batch_size=16, val_fraction=0.0)
         log = _HookLog()
-        trainer = L.Trainer(
-            max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[log],
-        )  # fmt: skip
+        trainer = quiet_trainer(max_steps=10, callbacks=[log])
         trainer.fit(module, data)
         monkeypatch.undo()
         return trainer, module, log
@@ -611,10 +606,7 @@ def test_the_direct_optimizer_step_stands_aside_for_optimizer_hooks() -> None:
     module = BackpropModule(hidden=[], lr=0.1)
     data = RegressionData(function="quadratic", n=20, batch_size=None, val_fraction=0.0)
     seen = []
-    trainer = L.Trainer(
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_steps=3)
 
     class Hooked(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:

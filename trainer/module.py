@@ -23,7 +23,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.trainer import call
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
 
 from models import LOSSES, MLP, REDUCTIONS, gemm, make_loss
 from models.activations import ACTIVATIONS
@@ -346,11 +350,6 @@ class BackpropModule(L.LightningModule):
         strategy, precision plugin, closure and ``torch.optim`` profiling wrapper around it (0.3 ms a call
         on a 2-core CPU: 1.5 % of a large MLP's update, more than a small model's whole update).
         """
-        from lightning.pytorch.plugins.precision import Precision
-        from lightning.pytorch.strategies import DDPStrategy, Strategy
-        from lightning.pytorch.trainer import call
-        from torch.optim import optimizer as torch_optimizer
-
         trainer = self.trainer
         optimizer = opt.optimizer
         precision, strategy = type(trainer.precision_plugin), type(trainer.strategy)
