@@ -1,8 +1,11 @@
 """Elementwise activations with hand-written backward passes.
 
 Each caches the one tensor its derivative needs: σ and tanh their output y (σ' = y(1 − y),
-tanh' = 1 − y²), ReLU the sign mask of its input. All are stable at any |x|: torch's sigmoid and tanh
-saturate to exactly 0/1 and ±1 without overflow, so neither forward nor backward makes inf or NaN.
+tanh' = 1 − y²), ReLU the sign mask of its input. Inside a Sequential, right after a Linear, they run in
+place (``forward_in_place``, ``backward_in_place``; see ``models/layer.py``) with the same kernels.
+
+All are stable at any |x|: torch's sigmoid and tanh saturate to exactly 0/1 and ±1 without overflow, so
+neither forward nor backward makes inf or NaN.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from torch import Tensor
 
 from models.layer import Layer
 
-# torch's fused kernel for g · y(1 − y), bound once: torch.ops resolves the name anew on every look-up
+# torch's fused kernel for g · y(1 − y), bound once (torch.ops resolves the name anew on every look-up);
+# its out= form writes the result where it is told, here over g itself
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.default
+_sigmoid_backward_into = torch.ops.aten.sigmoid_backward.grad_input
 
 
 class Sigmoid(Layer):
@@ -31,6 +36,19 @@ class Sigmoid(Layer):
         # grad_output * y * (1 - y) would make three passes and two temporaries.
         return _sigmoid_backward(grad_output, y)
 
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():  # autograd must see the out-of-place op (and x may be in its graph)
+            return self.forward(x)
+        y = torch.sigmoid_(x)  # σ over the product just made: the same kernel, no new (N, O) buffer
+        self._save(y)
+        return y
+
+    def backward_in_place(self, grad_output: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return self.backward(grad_output)
+        (y,) = self._saved()
+        return _sigmoid_backward_into(grad_output, y, grad_input=grad_output)  # g ← g · y(1 − y)
+
 
 class Tanh(Layer):
     """tanh(x)."""
@@ -47,6 +65,15 @@ class Tanh(Layer):
         # In place on the fresh 1 − y: the same products as g · ((1 − y)(1 + y)), two temporaries fewer.
         return (1 - y).mul_(1 + y).mul_(grad_output)
 
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return self.forward(x)
+        y = torch.tanh_(x)
+        self._save(y)
+        return y
+
+    # backward stays out of place: it makes its (1 − y)(1 + y) temporary anyway, so writing over g saves no buffer
+
 
 class ReLU(Layer):
     """max(x, 0). At x = 0 the derivative is taken as 0, as autograd does."""
@@ -59,6 +86,18 @@ class ReLU(Layer):
     def backward(self, grad_output: Tensor) -> Tensor:
         (positive,) = self._saved()
         return grad_output * positive
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return self.forward(x)
+        self._save(x > 0)  # taken before x is overwritten
+        return torch.relu_(x)
+
+    def backward_in_place(self, grad_output: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return self.backward(grad_output)
+        (positive,) = self._saved()
+        return grad_output.mul_(positive)
 
 
 class Identity(Layer):

@@ -14,6 +14,11 @@ training step uses to skip work autograd would skip too:
   ``out=``: its ``.grad`` is a fresh tensor each step, as after ``set_to_none``);
 - ``input_grad=False`` skips ∂C/∂input (and returns None): the first layer's input is the data, and no
   one needs the gradient of the data.
+
+Inside a ``Sequential`` an activation may also work in place (``forward_in_place``, ``backward_in_place``):
+on the tensor the ``Linear`` before it has just made (``returns_new``), which nothing else holds. That
+saves a fresh (N, O) buffer and a pass over new memory per activation, forward and backward, and gives
+the very same numbers (the same kernel, writing over its input).
 """
 
 from __future__ import annotations
@@ -63,6 +68,17 @@ class Layer(nn.Module):
 
     # Whether backward takes the ``accumulate`` and ``input_grad`` keywords (a layer with parameters).
     holds_parameters = False
+    # Whether forward and backward always return a tensor of their own that nothing else holds (Linear's
+    # products), which the next layer of a Sequential may then overwrite (``forward_in_place``).
+    returns_new = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # An in-place form is written for the forward or backward beside it: remember which, so that a
+        # subclass (or a patch) that replaces that method is never bypassed by it (``in_place_ok``).
+        for name in ("forward", "backward"):
+            if f"{name}_in_place" in cls.__dict__:
+                setattr(cls, f"_{name}_in_place_of", cls.__dict__.get(name))
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,6 +128,21 @@ class Layer(nn.Module):
 
     def backward(self, grad_output: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def in_place_ok(self, name: str) -> bool:
+        """Whether ``<name>_in_place`` (``name``: forward or backward) is the in-place form of the ``name``
+        this layer runs: false for the base class's, and where a subclass or a patch replaced ``name``."""
+        cls = type(self)
+        return getattr(cls, name) is getattr(cls, f"_{name}_in_place_of", None)
+
+    def forward_in_place(self, x: Tensor) -> Tensor:
+        """``forward``, free to overwrite ``x``: a tensor no one else holds (see ``returns_new``). An
+        elementwise layer overrides it to work in place outside autograd; the numbers are those of forward."""
+        return self.forward(x)
+
+    def backward_in_place(self, grad_output: Tensor) -> Tensor:
+        """``backward``, free to overwrite ``grad_output`` (no one else holds it), as ``forward_in_place``."""
+        return self.backward(grad_output)
 
     @staticmethod
     def _accumulate(param: Tensor, grad: Tensor) -> None:

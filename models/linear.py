@@ -27,6 +27,7 @@ class Linear(Layer):
     """
 
     holds_parameters = True
+    returns_new = True  # forward's x Wᵀ + b and backward's g W are fresh tensors (a subclass must keep that)
 
     def __init__(
         self,

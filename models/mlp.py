@@ -45,21 +45,29 @@ class Sequential(Layer):
             for layer in self._modules.values():
                 x = layer(x)
             return x
+        new = False  # whether x is a tensor the layer before made and nothing else holds (Layer.returns_new)
         for layer in self._modules.values():
-            x = layer(x) if _hooks_on(layer) else layer.forward(x)
+            if _hooks_on(layer):  # a hook may keep the output: never overwrite it
+                x, new = layer(x), False
+            else:
+                x = layer.forward_in_place(x) if new and layer.in_place_ok("forward") else layer.forward(x)
+                new = layer.returns_new
         return x
 
     # y = fₖ(…f₁(x))  ⇒  ∂C/∂x = f₁'ᵀ(… fₖ'ᵀ(g)): each layer's backward feeds the one below it
     def backward(self, grad_output: Tensor, *, accumulate: bool = True, input_grad: bool = True) -> Tensor | None:
         """Each layer's backward, last first; ``accumulate`` and ``input_grad`` as in ``Layer``."""
         grad = grad_output
+        new = False  # grad_output is the caller's: never overwritten; a Linear's g W below is ours
         layers = list(self._modules.values())
         for i in range(len(layers) - 1, -1, -1):
             layer = layers[i]
             if layer.holds_parameters:
                 grad = layer.backward(grad, accumulate=accumulate, input_grad=input_grad or i > 0)
             else:
-                grad = layer.backward(grad)
+                in_place = new and layer.in_place_ok("backward")
+                grad = layer.backward_in_place(grad) if in_place else layer.backward(grad)
+            new = layer.returns_new
         return grad
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from _util import quiet_trainer
 from torch import Tensor
 
-from models import MLP, Linear, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh
+from models import MLP, Linear, ReLU, Sequential, Sigmoid, SoftmaxCrossEntropy, Tanh
 from trainer.callbacks import Convergence
 from trainer.data import RegressionData
 from trainer.module import BackpropModule, ConfigError
@@ -142,6 +142,95 @@ def test_linear_and_the_activation_below_it_cache_one_storage() -> None:
     assert first._cache[0] is x  # a reference to the input, not a copy
     assert second._cache[0] is activation._cache[0]  # σ's output is the next layer's input: kept once
     model.release()
+
+
+def _layer_by_layer(model: Sequential, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The plain path: each layer's out-of-place forward, then each backward, by hand, no layer in place."""
+    out = x
+    for layer in model:
+        out = layer.forward(out)
+    grad = g
+    for layer in reversed(list(model)):
+        grad = layer.backward(grad, accumulate=False) if layer.holds_parameters else layer.backward(grad)
+    return out, grad, grads(model)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "identity"])
+@pytest.mark.parametrize("output_activation", [None, "sigmoid"])
+def test_activations_in_place_inside_a_sequential_equal_the_plain_path_bit_for_bit(
+    dtype: torch.dtype, activation: str, output_activation: str | None
+) -> None:
+    torch.manual_seed(0)
+    fast = MLP([4, 6, 5, 3], activation, output_activation).to(dtype)
+    plain = copy.deepcopy(fast)
+    x, g = randn(0, 8, 4, dtype=dtype) * 3, randn(1, 8, 3, dtype=dtype)
+    x_before, g_before = x.clone(), g.clone()
+    with torch.no_grad():
+        want_out, want_grad, want_grads = _layer_by_layer(plain, x, g)
+        out = fast(x)
+        got_out = out.clone()
+        got_grad = fast.backward(g, accumulate=False)
+    assert torch.equal(got_out, want_out)
+    assert torch.equal(got_grad, want_grad)
+    for got, want in zip(grads(fast), want_grads, strict=True):
+        assert torch.equal(got, want)
+    # the caller's tensors are never overwritten: only those a Linear inside made
+    assert torch.equal(x, x_before) and torch.equal(g, g_before)
+
+
+def test_activation_in_place_leaves_what_a_hook_kept_alone() -> None:
+    torch.manual_seed(0)
+    model = MLP([3, 5, 2], "sigmoid").double()
+    kept: list[Tensor] = []
+    model[0].register_forward_hook(lambda module, inputs, output: kept.append(output))
+    x = randn(0, 4, 3)
+    with torch.no_grad():
+        model(x)
+        want = F.linear(x, model[0].weight, model[0].bias)
+    assert torch.equal(kept[0], want)  # the first Linear's product, not σ of it
+    model.release()
+
+
+def test_a_subclass_that_replaces_backward_or_forward_is_never_bypassed_by_the_in_place_form() -> None:
+    class Doubled(Sigmoid):  # a user's change to the math: the in-place form must not skip it
+        def backward(self, grad_output: Tensor) -> Tensor:
+            return 2 * super().backward(grad_output)
+
+    class Shifted(Sigmoid):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x + 1)
+
+    x, g = randn(0, 4, 3), randn(1, 4, 2)
+    for changed in (Doubled, Shifted):
+        torch.manual_seed(0)
+        model = Sequential(Linear(3, 5), changed(), Linear(5, 2)).double()
+        reference = Sequential(Linear(3, 5), changed(), Linear(5, 2)).double()
+        reference.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            out = model(x)
+            got = model.backward(g, accumulate=False)
+            want_out, want, _ = _layer_by_layer(reference, x, g)
+        assert not model[1].in_place_ok("forward" if changed is Shifted else "backward")
+        assert torch.equal(out, want_out) and torch.equal(got, want)
+    assert Sigmoid().in_place_ok("forward") and Sigmoid().in_place_ok("backward")
+
+
+@pytest.mark.parametrize("layer", [Sigmoid, Tanh, ReLU], ids=lambda cls: cls.__name__)
+def test_in_place_forms_write_over_their_input_only_outside_autograd(layer: type) -> None:
+    x, g = randn(0, 4, 3), randn(1, 4, 3)
+    act = layer()
+    with torch.no_grad():
+        y = act.forward_in_place(x)
+        assert y is x  # no new (N, O) buffer: that is the saving
+        if layer is not Tanh:  # Tanh's backward keeps its temporary (see models/activations.py)
+            assert act.backward_in_place(g) is g
+        else:
+            act.release()
+    x = randn(0, 4, 3).requires_grad_(True)
+    y = act.forward_in_place(x)  # under autograd: out of place, so the graph stays right
+    assert y is not x and y.grad_fn is not None
+    act.release()
 
 
 def test_cache_is_detached_when_forward_runs_under_autograd() -> None:
