@@ -71,6 +71,9 @@ class Layer(nn.Module):
     # Whether forward and backward always return a tensor of their own that nothing else holds (Linear's
     # products), which the next layer of a Sequential may then overwrite (``forward_in_place``).
     returns_new = False
+    # The forward and backward that this class's in-place forms were written beside (``__init_subclass__``)
+    _forward_in_place_of = None
+    _backward_in_place_of = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,9 +134,12 @@ class Layer(nn.Module):
 
     def in_place_ok(self, name: str) -> bool:
         """Whether ``<name>_in_place`` (``name``: forward or backward) is the in-place form of the ``name``
-        this layer runs: false for the base class's, and where a subclass or a patch replaced ``name``."""
+        this layer runs: false for the base class's, and where a subclass or a patch replaced ``name``.
+        (``Sequential`` makes the same test inline: this is a small model's hot path.)"""
         cls = type(self)
-        return getattr(cls, name) is getattr(cls, f"_{name}_in_place_of", None)
+        if name == "forward":
+            return cls.forward is cls._forward_in_place_of
+        return cls.backward is cls._backward_in_place_of
 
     def forward_in_place(self, x: Tensor) -> Tensor:
         """``forward``, free to overwrite ``x``: a tensor no one else holds (see ``returns_new``). An

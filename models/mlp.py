@@ -50,7 +50,9 @@ class Sequential(Layer):
             if _hooks_on(layer):  # a hook may keep the output: never overwrite it
                 x, new = layer(x), False
             else:
-                x = layer.forward_in_place(x) if new and layer.in_place_ok("forward") else layer.forward(x)
+                cls = type(layer)
+                in_place = new and cls.forward is cls._forward_in_place_of  # layer.in_place_ok("forward")
+                x = layer.forward_in_place(x) if in_place else layer.forward(x)
                 new = layer.returns_new
         return x
 
@@ -65,7 +67,8 @@ class Sequential(Layer):
             if layer.holds_parameters:
                 grad = layer.backward(grad, accumulate=accumulate, input_grad=input_grad or i > 0)
             else:
-                in_place = new and layer.in_place_ok("backward")
+                cls = type(layer)
+                in_place = new and cls.backward is cls._backward_in_place_of  # layer.in_place_ok("backward")
                 grad = layer.backward_in_place(grad) if in_place else layer.backward(grad)
             new = layer.returns_new
         return grad
