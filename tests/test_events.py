@@ -58,6 +58,29 @@ def test_bulk_points_and_other_events_share_one_file_in_order(tmp_path: Path) ->
     assert [e.step for e in read.Histograms("weights/w")] == [0]
 
 
+def test_points_wait_in_the_training_thread_until_a_flush_or_enough_of_them(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    events = ScalarEvents.attach(writer)
+    assert ScalarEvents.attach(writer) is events  # one per writer, so the pending points are in one place
+    handed: list[int] = []  # the size of every item queued on the writer thread
+    queue_item = events._write
+    events._write = lambda item: (handed.append(len(item.blob)), queue_item(item))
+    events.write([(0, {"train/cost": 1.0})])
+    assert handed == []  # no hand-off, so no writer-thread wake-up, per call
+    writer.flush()
+    assert len(handed) == 1 and not events._pending
+    assert [(e.step, e.value) for e in _read(tmp_path).Scalars("train/cost")] == [(0, 1.0)]
+    step = 1
+    while len(handed) == 1 and step < 100_000:  # until the pending bytes reach HAND_OFF_BYTES
+        events.write([(step, {"train/cost": float(step)})])
+        step += 1
+    assert len(handed) == 2 and handed[1] >= ScalarEvents.HAND_OFF_BYTES and 1000 < step < 100_000
+    events.write([(step, {"train/cost": float(step)})])
+    writer.close()  # the close hands off the rest
+    assert len(handed) == 3
+    assert [e.step for e in _read(tmp_path).Scalars("train/cost")] == list(range(step + 1))
+
+
 def test_the_reader_stops_at_a_record_with_a_wrong_checksum(tmp_path: Path) -> None:
     # The reader checks the checksums, so the read-back tests above would notice records framed wrongly.
     writer = SummaryWriter(str(tmp_path))
