@@ -704,3 +704,14 @@ def test_the_direct_optimizer_step_stands_aside_for_optimizer_hooks() -> None:
     trainer.callbacks.append(Hooked())
     trainer.fit(module, data)
     assert seen == [0, 1, 2]  # a step hook on the optimizer: Lightning's own opt.step() ran, and with it the hook
+
+
+def test_the_module_writes_its_per_update_attributes_plainly_and_keeps_nn_modules_rules_for_the_rest() -> None:
+    module = BackpropModule(hidden=[3], loss="cross_entropy", in_features=2, out_features=2)
+    module._current_fx_name = "training_step"  # what Lightning sets around every hook
+    assert module.__dict__["_current_fx_name"] == "training_step"
+    module._last_pred = torch.ones(4, 2)
+    assert "_last_pred" not in module.state_dict() and not list(module.buffers())
+    before = set(module.state_dict())
+    module.extra = torch.nn.Parameter(torch.ones(1))  # any other name goes through nn.Module
+    assert set(module.state_dict()) == before | {"extra"}
