@@ -715,3 +715,22 @@ def test_the_module_writes_its_per_update_attributes_plainly_and_keeps_nn_module
     before = set(module.state_dict())
     module.extra = torch.nn.Parameter(torch.ones(1))  # any other name goes through nn.Module
     assert set(module.state_dict()) == before | {"extra"}
+
+
+def test_batches_already_on_the_device_skip_lightnings_transfer_and_others_take_it() -> None:
+    dm = RegressionData(n=16, batch_size=4)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    device = x.device
+    batch = (x, y)
+    assert dm.transfer_batch_to_device(batch, device, 0) is batch  # as it is: Lightning's would rebuild it
+    moved = dm.transfer_batch_to_device([x.double(), y], device, 0)  # not one of ours: Lightning's own path
+    assert isinstance(moved, list) and torch.equal(moved[0], x.double())
+
+
+def test_lightning_still_finds_batch_idx_in_training_steps_signature() -> None:
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    module = BackpropModule()
+    assert is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
+    assert not is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)

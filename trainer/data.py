@@ -23,6 +23,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -265,6 +266,13 @@ class TensorData(L.LightningDataModule):
         rank_zero_info(f"effective batch: {total} examples per update ({how})")
         for logger in self.trainer.loggers:
             logger.log_metrics({"data/effective_batch_size": float(total)}, step=0)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A batch cut from the tensors ``setup`` put on the device goes on as it is. Lightning's default
+        walks the batch and calls ``.to()`` on each tensor on every batch, which a small model feels."""
+        if isinstance(batch, tuple) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> IndexBatches | StepGroups:
         batches = IndexBatches(
