@@ -21,8 +21,8 @@ is timed by a pair of CUDA events, the loops by wall time after a synchronize.
                   same updates on the same data
     memory.mlp_l  bytes our layers keep for backward ÷ bytes autograd saves for backward
     figures.<config>  Trainer.fit of configs/<config>.yaml at its real length with the figures and histograms
-                  at their defaults, plus what a fresh process pays for them once (matplotlib's import
-                  where the trainer's own imports have not done it, first draws) ÷ the same fit with them off
+                  at their defaults, plus what a fresh process pays for them once (importing what draws
+                  them where the trainer's own imports have not, first draws) ÷ the same fit with them off
 
 A new comparison is one function registered with ``@comparison("name", target)`` that returns a
 ``Result``; ``--only`` picks comparisons by name.
@@ -564,7 +564,7 @@ PICTURE_RUNS: dict[str, tuple[str, int]] = {
 PICTURES_OFF = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
 # The same length every time (the stop's test off, max_steps set), and no terminal output.
 QUIET_FIT = ["--convergence.tol", "0", "--progress_bar.refresh_rate", "0", "--summary.verbose", "false"]
-MATPLOTLIB = ("matplotlib.figure", "matplotlib.backends.backend_agg")  # what the figures import
+FIGURE_IMPORTS = ("PIL.ImageDraw", "PIL.ImageFont", "matplotlib")  # what the figures import (matplotlib: its font)
 
 
 def fit_args(config: str, updates: int, save_dir: Path | str, *overrides: str) -> list[str]:
@@ -612,7 +612,7 @@ def _first_pictures(config: str, kind: str, threads: int, accelerator: str) -> N
     torch.set_num_threads(threads)
     clock = _clock_of(kind)
     begin = clock()
-    for module in MATPLOTLIB:
+    for module in FIGURE_IMPORTS:
         importlib.import_module(module)
     imported = clock() - begin
     _quiet()
@@ -630,8 +630,8 @@ def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[st
     """What the pictures cost a fresh process once, which the warm fits of this benchmark no longer pay.
 
     For each config, in a new interpreter, after the trainer's own imports: the seconds of importing
-    matplotlib's Figure and Agg canvas (``import_after_trainer``: nothing when the trainer's imports already
-    did); then, after a first fit without pictures, 1-update fits with them: the first takes ``first_use``
+    ``FIGURE_IMPORTS`` (``import_after_trainer``: nothing for what the trainer's imports already did); then,
+    after a first fit without pictures, 1-update fits with them: the first takes ``first_use``
     seconds longer than the quickest later one (fonts loaded, caches filled, code run for the first time).
     ``total``, their sum, is charged to every fit with pictures. ``import_alone`` is the same import in a
     bare interpreter, for the record. The configs are measured side by side, each in its own process, on
@@ -654,7 +654,8 @@ def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[st
     missing = [c for c in configs if (c, kind, accelerator) not in _ONCE]
     if missing:
         clock = "process_time" if kind == "cpu" else "perf_counter"
-        alone = python(f"import time; t = time.{clock}(); import {', '.join(MATPLOTLIB)}; print(time.{clock}() - t)")
+        modules = ", ".join(FIGURE_IMPORTS)
+        alone = python(f"import time; t = time.{clock}(); import {modules}; print(time.{clock}() - t)")
         alone = float(result(alone))
         scripts = str(Path(__file__).resolve().parent)
         started = {
@@ -703,7 +704,7 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
     rows.append({"comparison": name, "side": "ours, once per process", **once})
     note = (
         f"{updates} updates; ours + {1e3 * once['total']:.0f} ms once a process (first pictures "
-        f"{1e3 * once['first_use']:.0f} ms, matplotlib import {1e3 * once['import_after_trainer']:.0f} ms "
+        f"{1e3 * once['first_use']:.0f} ms, imports {1e3 * once['import_after_trainer']:.0f} ms "
         f"after the trainer's imports, {1e3 * once['import_alone']:.0f} ms alone)"
     )
     return Result.of_pairs(name, quads, rows, note)

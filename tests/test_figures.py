@@ -208,3 +208,63 @@ def test_invalid_figure_settings():
         Figures(every_n_steps=-1)
     with pytest.raises(ValueError, match="figures.dpi"):
         Figures(dpi=1)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [(0.74, 2.22), (-1.28, 0.28), (-2.2, 2.2), (-6.2, 4.2), (-1.2, 2.5), (0.0, 1e-3), (5.0, 5.0001), (-310.0, 17.0)],
+)
+def test_ticks_are_matplotlibs_max_n_locator_inside_the_view(lo, hi):
+    from matplotlib.ticker import MaxNLocator
+
+    from trainer.figures import TICKS, _ticks
+
+    values, labels = _ticks(lo, hi)
+    reference = MaxNLocator(TICKS).tick_values(lo, hi)
+    tolerance = 1e-9 * (hi - lo)
+    reference = reference[(reference >= lo - tolerance) & (reference <= hi + tolerance)]
+    np.testing.assert_allclose(values, reference, rtol=0, atol=tolerance)
+    assert len(set(labels)) == len(labels) and not any(label.startswith("-") for label in labels)
+
+
+def test_dashes_lie_on_the_line_with_the_pattern_asked_for():
+    from trainer.figures import _dashes
+
+    t = np.linspace(0.0, 1.0, 50)
+    xy = np.stack([100 * t, 40 * t**2], 1)  # a curve
+    dashes = _dashes(xy, 4.0, 6.0)
+    length = np.hypot(*np.diff(xy, axis=0).T).sum()
+    assert len(dashes) == math.ceil(length / 10.0)
+    starts, ends = dashes[:, :2], dashes[:, 2:]
+    on_curve = np.interp(np.concatenate([starts[:, 0], ends[:, 0]]), xy[:, 0], xy[:, 1])
+    np.testing.assert_allclose(np.concatenate([starts[:, 1], ends[:, 1]]), on_curve, atol=0.05)  # chords of a curve
+    gaps = np.hypot(*(starts[1:] - starts[:-1]).T)
+    np.testing.assert_allclose(gaps, 10.0, rtol=0.02)  # one period apart along a gently bending curve
+    np.testing.assert_allclose(np.hypot(*(ends - starts)[:-1].T), 4.0, rtol=0.02)
+
+
+@pytest.mark.parametrize("color", ["#1f77b4", "black", "0.45", (0.2, 0.4, 0.6)])
+def test_colours_are_matplotlibs(color):
+    from matplotlib.colors import to_rgb
+
+    from trainer.figures import _rgb
+
+    assert _rgb(color) == tuple(round(255 * c) for c in to_rgb(color))
+
+
+def test_the_data_is_drawn_smooth_and_the_key_goes_under_what_moves():
+    """Supersampled: a line's edge has shades between its colour and the white; the key is in the still data."""
+    figure, xs = _fit_figure()
+    picture = figure.draw(2 * xs[:, None] - 1, "step 9")
+    inside = picture[figure.top + 2 : figure.bottom - 2, figure.left + 2 : figure.right - 2].reshape(-1, 3)
+    blue = np.array([31, 119, 180])
+    between = ~np.all(inside == 255, 1) & ~np.all(inside == blue, 1)
+    assert np.count_nonzero(between) > 200  # antialiased edges, not just two colours
+    from trainer.figures import Canvas
+
+    empty = Canvas(80, (0.0, 1.0), (0.0, 1.0), "x", "y")
+    assert np.all(np.asarray(empty.data) == 255)
+    outside = np.asarray(empty.picture).copy()
+    empty.key([("— model", "#1f77b4")])  # into the still data, which moving parts are drawn over
+    assert (np.asarray(empty.data) < 255).any()
+    np.testing.assert_array_equal(np.asarray(empty.picture), outside)

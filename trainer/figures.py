@@ -10,9 +10,14 @@
 They are drawn at most every ``every_n_steps`` updates while drawing stays within ``max_overhead`` of the
 training time (``trainer.budget.TimeBudget``), and once at the end. The fit and the cost surface show where
 training started in every frame (the starting curve dotted, the starting point circled), so their first
-frame waits for the budget; the decision regions also get a frame at the start. Each figure is built and
-fully drawn once; later frames redraw only what moves (``Canvas``), on matplotlib's Agg canvas (no window,
-no pyplot state), with the text set by PIL. matplotlib is imported only when the first figure is drawn.
+frame waits for the budget; the decision regions also get a frame at the start.
+
+Each figure is drawn by PIL (``Canvas``): the data at twice the resolution, then halved, which smooths
+every line and marker's edge; the axes, ticks and text once, at the final resolution, in matplotlib's
+default font. Later frames redraw only what moves. A figure costs a few milliseconds, where matplotlib's
+figure machinery (an Axes, its artists and a full draw) took about twice that, and a process pays no
+first-use cost for it: on a short run, such as the seed's line, the end's figures were about a tenth of
+the training time.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import math
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,73 +45,153 @@ from trainer.optimum import LeastSquares
 FIGSIZE = (5.0, 3.75)  # inches; × dpi gives the pixels
 DPI = 90  # 450 × 337 pixels: readable, and a fifth fewer pixels to draw, encode and checksum than at 100
 FRAME = (0.14, 0.13, 0.97, 0.91)  # left, bottom, right, top of the frame, as fractions of the figure
+SUPERSAMPLE = 2  # the data is drawn at this many times the resolution, then reduced: smooth edges
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+# matplotlib's viridis at 0, 0.1, …, 0.9: the contours of the cost surface, from the optimum outwards
+VIRIDIS = ["#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c", "#22a884", "#44bf70", "#7ad151", "#bddf26"]
 MAX_POINTS = 1000  # scatter at most this many examples: enough to see the data, cheap to draw
 MAX_PATH = 2000  # draw at most about this many updates of the path on the cost surface (a few per pixel)
 TICKS = 5  # at most this many intervals between tick labels per axis
 PAD = 3.5  # points between the frame and a tick label (a tick mark's length)
 # What each figure's first frame is assumed to cost until a set has been timed (a full draw, its PNG and
-# the event writer's checksum: about 10 ms on a CPU): the first periodic set waits until the budget has
-# earned that much.
-FIRST_FRAME_SECONDS = 0.01
+# the event writer's checksum: a few milliseconds on a CPU): the first periodic set waits until the budget
+# has earned that much.
+FIRST_FRAME_SECONDS = 0.005
+
+RGB = tuple[int, int, int]
+
+
+def _rgb(color: Any) -> RGB:
+    """``#rrggbb``, ``black``, a grey level as a string (``"0.45"``) or an (r, g, b) of floats in [0, 1]."""
+    if isinstance(color, str):
+        if color.startswith("#"):
+            return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+        if color == "black":
+            return (0, 0, 0)
+        level = round(255 * float(color))
+        return (level, level, level)
+    return tuple(round(255 * c) for c in color)
+
+
+class Moving:
+    """What a render draws anew over the still picture: a ``draw(pen, to_pixels)`` and its data."""
+
+    def __init__(self, draw: Callable[..., None], x: Any = (), y: Any = ()) -> None:
+        self._draw = draw
+        self.set_data(x, y)
+
+    def set_data(self, x: Any, y: Any) -> None:
+        self.x, self.y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def set_ydata(self, y: Any) -> None:
+        self.y = np.asarray(y, dtype=np.float64)
 
 
 class Canvas:
-    """A figure drawn by matplotlib's Agg renderer, with its text set by PIL, whose still parts are drawn once.
+    """A figure drawn by PIL, whose still parts are drawn once.
 
-    The first ``render`` draws every artist that does not move and keeps that picture; every render then
-    restores it and draws only the ``moving`` artists over it (blitting), which costs a millisecond instead of
-    a full draw. There is no Axes: building one (its axis, ticks, spines and titles) took most of a first
-    frame, so the frame, tick marks and data are a few plain artists placed in data coordinates (``data``)
-    and fractions of the frame (``in_frame``). Text, the rest of a full draw with matplotlib, is set on each
-    rendered picture by PIL in the same font (matplotlib's default) at a twentieth of the time: the tick
-    labels, axis labels and key (``label``) and the title of the frame (``render``).
-    matplotlib is imported here, on first use.
+    Three layers make a frame: the picture outside the frame (tick marks, tick labels, axis labels), drawn
+    once at the final resolution; the data inside the frame, drawn at ``SUPERSAMPLE`` times the resolution
+    and reduced (a box filter: every edge antialiased); and over the data the frame's outline and the key.
+    ``render`` starts each frame from the still data, draws the moving parts (``Moving``) over it, reduces it,
+    and sets it into the picture with the title. So a frame is the same whether or not others came before.
+
+    Data coordinates run from ``xlim`` and ``ylim`` at the frame's edges; ``label`` also places text in
+    fractions of the frame.
 
     Args:
         dpi: resolution; xlim, ylim: the data coordinates at the frame's edges; xlabel, ylabel: axis labels.
     """
 
     def __init__(self, dpi: int, xlim: tuple[float, float], ylim: tuple[float, float], xlabel: str, ylabel: str):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Rectangle
-        from matplotlib.transforms import Bbox, BboxTransformFrom, BboxTransformTo, TransformedBbox
+        from PIL import Image, ImageDraw
 
-        self.fig = Figure(figsize=FIGSIZE, dpi=dpi)
-        FigureCanvasAgg(self.fig)
-        self.dpi, self.height = dpi, self.fig.canvas.get_width_height()[1]  # rows of pixels
+        self.dpi = dpi
+        self.width, self.height = int(FIGSIZE[0] * dpi), int(FIGSIZE[1] * dpi)  # as matplotlib sizes a canvas
+        # the frame in pixels from the top left: [left, right) × [top, bottom)
+        self.left, self.right = round(FRAME[0] * self.width), round(FRAME[2] * self.width)
+        self.top, self.bottom = round((1 - FRAME[3]) * self.height), round((1 - FRAME[1]) * self.height)
         self.xlim, self.ylim = xlim, ylim
-        self.box = TransformedBbox(Bbox.from_extents(*FRAME), self.fig.transFigure)  # the frame, in pixels
-        self.in_frame = BboxTransformTo(self.box)  # (0, 0) to (1, 1) across the frame
-        self.data = BboxTransformFrom(Bbox.from_extents(xlim[0], ylim[0], xlim[1], ylim[1])) + self.in_frame
-        self.frame = self.fig.add_artist(
-            Rectangle((0, 0), 1, 1, transform=self.in_frame, fill=False, lw=0.8, zorder=3)  # over the data
-        )
-        self.labels: list[tuple[tuple[float, float], str, str, Any, tuple[int, ...], bool]] = []
+        size = (self.right - self.left, self.bottom - self.top)
+        self.picture = Image.new("RGB", (self.width, self.height), "white")  # the frame's surroundings
+        self.data = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), "white")  # the still data
+        self._pens = (ImageDraw.Draw(self.picture), ImageDraw.Draw(self.data))
+        self.moving: list[Moving] = []
         self._axis_labels(xlabel, ylabel)
-        self.moving: list[Any] = []
-        self._title_at = self._pixels(self.in_frame, 0.5, 1.0, (0, 6))
-        self._background = None
+        self._above = self.picture.crop((0, 0, self.width, self.top))  # what each frame's title is set on
 
-    def add(self, artist: Any, moving: bool = False) -> Any:
-        """Add ``artist`` in data coordinates, clipped to the frame; ``moving``: redrawn every render."""
-        artist.set_transform(self.data)
-        artist.set_clip_box(self.box)
-        self.fig.add_artist(artist)
-        return self.move(artist) if moving else artist
+    # ------------------------------------------------------------------ coordinates
 
-    def line(self, x, y, moving: bool = False, **kwargs) -> Any:
-        """A Line2D through (x, y) in data coordinates (``kwargs`` as for ``Line2D``)."""
-        from matplotlib.lines import Line2D
+    def points(self, size: float) -> float:
+        """``size`` points in pixels of the data layer."""
+        return size * self.dpi / 72 * SUPERSAMPLE
 
-        return self.add(Line2D(x, y, **kwargs), moving)
+    def to_data_pixels(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Data coordinates → (P, 2) pixel coordinates in the data layer (from its top left)."""
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        width, height = self.data.size
+        return np.stack([(np.asarray(x) - x0) * (width / (x1 - x0)), (y1 - np.asarray(y)) * (height / (y1 - y0))], -1)
 
-    def move(self, artist: Any) -> Any:
-        """Mark ``artist`` as one that changes between renders; they are drawn in the order marked."""
-        artist.set_animated(True)
-        self.moving.append(artist)
-        return artist
+    def _frame_pixel(self, u: float, v: float) -> tuple[float, float]:
+        """Fractions of the frame ((0, 0) bottom left) → pixels of the picture."""
+        return self.left + u * (self.right - self.left), self.bottom - v * (self.bottom - self.top)
+
+    def _data_pixel(self, x: float, y: float) -> tuple[float, float]:
+        """Data coordinates → pixels of the picture."""
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        return self._frame_pixel((x - x0) / (x1 - x0), (y - y0) / (y1 - y0))
+
+    # ------------------------------------------------------------------ what is drawn
+
+    def line(self, x, y, color: Any = "black", lw: float = 1.0, ls: str = "-", moving: bool = False) -> Moving | None:
+        """A polyline through (x, y) in data coordinates, ``lw`` points wide; ``ls``: ``-``, ``--`` or ``:``."""
+        fill, width = _rgb(color), max(1, round(self.points(lw)))
+        dash = {"-": None, "--": (3.7, 1.6), ":": (1.0, 1.65)}[ls]  # matplotlib's, in line widths
+        lengths = None if dash is None else (dash[0] * width, dash[1] * width)
+
+        def draw(pen: Any, x: np.ndarray, y: np.ndarray) -> None:
+            xy = self.to_data_pixels(x, y)
+            if len(xy) < 2:
+                return
+            if lengths is None:
+                pen.line(xy.ravel().tolist(), fill=fill, width=width)
+                return
+            for segment in _dashes(xy, *lengths).tolist():
+                pen.line(segment, fill=fill, width=width)
+
+        return self._place(draw, x, y, moving)
+
+    def markers(
+        self, x, y, color: Any, size: float, edge: float = 0.0, hollow: bool = False, star: bool = False, moving=False
+    ) -> Moving | None:
+        """A marker at each (x, y): a disc ``size`` points across (a ring with ``hollow``, a five-pointed
+        star with ``star``), with an outline ``edge`` points wide."""
+        fill = _rgb(color)
+        radius, outline = self.points(size) / 2, max(1, round(self.points(edge))) if edge else 0
+        if star:  # ten corners, the inner ones at 0.38 of the radius, the first pointing up
+            turns = np.pi / 2 + np.arange(10) * np.pi / 5
+            reach = np.where(np.arange(10) % 2 == 0, radius * 1.15, radius * 0.44)
+            shape = np.stack([np.cos(turns) * reach, -np.sin(turns) * reach], 1)
+
+        def draw(pen: Any, x: np.ndarray, y: np.ndarray) -> None:
+            for px, py in self.to_data_pixels(x, y).tolist():
+                if star:
+                    pen.polygon((shape + (px, py)).ravel().tolist(), fill=fill, outline=fill)
+                elif hollow:
+                    pen.ellipse((px - radius, py - radius, px + radius, py + radius), outline=fill, width=outline)
+                else:
+                    pen.ellipse((px - radius, py - radius, px + radius, py + radius), fill=fill)
+
+        return self._place(draw, x, y, moving)
+
+    def _place(self, draw: Callable[..., None], x, y, moving: bool) -> Moving | None:
+        """Draw into the still data now, or keep as a ``Moving`` part drawn at every render."""
+        if moving:
+            part = Moving(draw, x, y)
+            self.moving.append(part)
+            return part
+        draw(self._pens[1], np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        return None
 
     def label(
         self,
@@ -113,44 +199,51 @@ class Canvas:
         y: float,
         text: str,
         offset=(0.0, 0.0),
-        transform=None,
+        place: str = "frame",
         anchor: str = "la",
         size: float = 10.0,
         color: Any = "black",
         vertical: bool = False,
     ) -> None:
-        """Text at (x, y) in ``transform`` (fractions of the frame by default), moved by ``offset`` points.
+        """Text at (x, y), moved by ``offset`` points (x right, y up).
 
+        ``place``: ``frame`` (fractions of the frame), ``data``, ``xdata`` (x in data, y in the frame) or
+        ``ydata``. Text inside the frame (the key) goes into the still data, at its resolution, so what
+        moves is drawn over it; any other into the frame's surroundings.
         ``anchor``: PIL's text anchor, e.g. ``mt`` (the middle of the top edge), ``rm``, ``ls``; ``size`` in
         points; ``vertical``: turned a quarter left, then placed by its right edge and middle.
         """
-        from matplotlib.colors import to_rgb
-
-        fill = tuple(round(255 * c) for c in to_rgb(color))
-        where = self._pixels(transform or self.in_frame, x, y, offset)
-        self.labels.append((where, text, anchor, _font(size * self.dpi / 72), fill, vertical))
-
-    def _pixels(self, transform, x: float, y: float, offset=(0.0, 0.0)) -> tuple[float, float]:
-        """(x, y) in ``transform`` moved by ``offset`` points, in pixels from the top left."""
-        px, py = transform.transform((x, y))
-        return px + offset[0] * self.dpi / 72, self.height - (py + offset[1] * self.dpi / 72)
+        (x0, x1), (y0, y1) = self.xlim, self.ylim
+        u = (x - x0) / (x1 - x0) if place in ("data", "xdata") else x
+        v = (y - y0) / (y1 - y0) if place in ("data", "ydata") else y
+        px, py = self._frame_pixel(u, v)
+        px, py = px + offset[0] * self.dpi / 72, py - offset[1] * self.dpi / 72
+        fill, pixels = _rgb(color), size * self.dpi / 72
+        if 0 < u < 1 and 0 < v < 1:  # inside the frame: into the data layer, at its scale
+            px, py, pixels = (px - self.left) * SUPERSAMPLE, (py - self.top) * SUPERSAMPLE, pixels * SUPERSAMPLE
+            picture, pen = self.data, self._pens[1]
+        else:
+            picture, pen = self.picture, self._pens[0]
+        font = _font(pixels)
+        if vertical:
+            _vertical(picture, (px, py), text, font, fill)
+        else:
+            pen.text((px, py), text, fill=fill, font=font, anchor=anchor)
 
     def _axis_labels(self, xlabel: str, ylabel: str) -> None:
-        """Tick marks at round values (matplotlib's ``MaxNLocator``), their labels, and the axis labels."""
-        from matplotlib.lines import Line2D
-        from matplotlib.transforms import blended_transform_factory
-
+        """Tick marks at round values (as matplotlib's ``MaxNLocator`` picks them), their labels, and the axis
+        labels."""
+        pen, tick = self._pens[0], max(1, round(PAD * self.dpi / 72))
         x_values, x_labels = _ticks(*self.xlim)
         y_values, y_labels = _ticks(*self.ylim)
-        along_x = blended_transform_factory(self.data, self.in_frame)  # x in data, y in the frame
-        along_y = blended_transform_factory(self.in_frame, self.data)
-        marks = {"ls": "none", "color": "black", "ms": PAD, "mew": 0.8}
-        self.fig.add_artist(Line2D(x_values, np.zeros_like(x_values), marker=3, transform=along_x, **marks))  # down
-        self.fig.add_artist(Line2D(np.zeros_like(y_values), y_values, marker=0, transform=along_y, **marks))  # left
         for value, text in zip(x_values, x_labels, strict=True):
-            self.label(value, 0, text, (0, -PAD - 2), along_x, anchor="ma")
+            px = round(self._data_pixel(value, self.ylim[0])[0])
+            pen.line((px, self.bottom, px, self.bottom + tick), fill=(0, 0, 0), width=1)  # down from the frame
+            self.label(value, 0, text, (0, -PAD - 2), "xdata", anchor="ma")
         for value, text in zip(y_values, y_labels, strict=True):
-            self.label(0, value, text, (-PAD - 2, 0), along_y, anchor="rm")
+            py = round(self._data_pixel(self.xlim[0], value)[1])
+            pen.line((self.left - tick, py, self.left, py), fill=(0, 0, 0), width=1)  # left of the frame
+            self.label(0, value, text, (-PAD - 2, 0), "ydata", anchor="rm")
         width = max(_font(10 * self.dpi / 72).getlength(text) for text in y_labels) * 72 / self.dpi  # points
         self.label(0.5, 0, xlabel, (0, -PAD - 16), anchor="ma")
         self.label(0, 0.5, ylabel, (-PAD - 6 - width, 0), vertical=True)
@@ -176,48 +269,69 @@ class Canvas:
         for i, (text, color) in enumerate(entries if vertical == "a" else entries[::-1]):
             self.label(x, y + i * step, text, anchor=horizontal + vertical, size=9, color=color)
 
-    def render(self, title: str) -> np.ndarray:
-        """The figure titled ``title``: an (H, W, 3) uint8 RGB view of the canvas, good until the next render.
+    def render(self, title: str, data: Any = None) -> np.ndarray:
+        """The figure titled ``title``: an (H, W, 3) uint8 RGB array of its own.
 
-        The labels are set into the canvas once, with the still artists; the title into a strip of it.
+        ``data``: the data layer to start from (an image of its size), or None for the still data. The
+        frame is drawn in a scratch image shared by every figure of this size, and set into the picture
+        in place: a new image costs ten times as much as writing over one, in first touches of its memory.
         """
-        from PIL import Image, ImageDraw
+        from PIL import ImageDraw
 
-        canvas = self.fig.canvas
-        if self._background is None:
-            canvas.draw()  # every artist that does not move
-            pixels = np.asarray(canvas.buffer_rgba())  # (H, W, 4): the canvas itself
-            still = Image.fromarray(pixels[..., :3])
-            pen = ImageDraw.Draw(still)
-            for (x, y), text, anchor, font, fill, vertical in self.labels:
-                if vertical:
-                    _vertical(still, (x, y), text, font, fill)
-                else:
-                    pen.text((x, y), text, fill=fill, font=font, anchor=anchor)
-            pixels[..., :3] = np.asarray(still)
-            self._background = canvas.copy_from_bbox(self.fig.bbox)
-        else:
-            canvas.restore_region(self._background)
-        for artist in self.moving:
-            self.fig.draw_artist(artist)
-        pixels = np.asarray(canvas.buffer_rgba())
-        font = _font(12 * self.dpi / 72)
-        x, y = self._title_at
-        _, top, _, bottom = font.getbbox(title, anchor="ms")
-        rows = slice(max(0, math.floor(y + top) - 1), math.ceil(y + bottom) + 1)  # the title's strip
-        strip = Image.fromarray(pixels[rows, :, :3])
-        ImageDraw.Draw(strip).text((x, y - rows.start), title, fill=(0, 0, 0), font=font, anchor="ms")
-        pixels[rows, :, :3] = np.asarray(strip)
-        return pixels[..., :3]
+        layer = _scratch(self.data.size)
+        layer.paste(self.data if data is None else data, (0, 0))
+        pen = ImageDraw.Draw(layer)
+        for part in self.moving:
+            part._draw(pen, part.x, part.y)
+        picture, pen = self.picture, self._pens[0]
+        picture.paste(layer.reduce(SUPERSAMPLE), (self.left, self.top))
+        picture.paste(self._above, (0, 0))  # the last frame's title gone
+        pen.rectangle((self.left, self.top, self.right, self.bottom), outline=(0, 0, 0), width=1)  # over the data
+        x, y = self._frame_pixel(0.5, 1.0)
+        pen.text((x, y - 6 * self.dpi / 72), title, fill=(0, 0, 0), font=_font(12 * self.dpi / 72), anchor="ms")
+        return np.asarray(picture)  # a copy of the pixels (read-only): later frames leave it as it is
+
+
+@functools.cache
+def _scratch(size: tuple[int, int]) -> Any:
+    """The RGB image of ``size`` that renders draw their frames in, one per size and process."""
+    from PIL import Image
+
+    return Image.new("RGB", size)
+
+
+def _dashes(xy: np.ndarray, on: float, off: float) -> np.ndarray:
+    """The dashes of a pattern of ``on`` then ``off`` pixels along the polyline ``xy`` (P, 2), each as the
+    straight segment between its ends (a dash is a few pixels long): (D, 4) rows of x₀ y₀ x₁ y₁."""
+    along = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(xy, axis=0).T))])  # the length to each vertex
+    starts = np.arange(0.0, along[-1], on + off)
+    ends = np.minimum(starts + on, along[-1])
+    at = np.concatenate([starts, ends])
+    x, y = np.interp(at, along, xy[:, 0]), np.interp(at, along, xy[:, 1])
+    n = len(starts)
+    return np.stack([x[:n], y[:n], x[n:], y[n:]], 1)
+
+
+@functools.cache
+def _font_file() -> str | None:
+    """matplotlib's default font, DejaVu Sans, from its own data folder (matplotlib comes with Lightning's
+    dependencies); None where it is not found."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    except ImportError:
+        return None
+    return str(path) if path.is_file() else None
 
 
 @functools.cache
 def _font(pixels: float) -> Any:
-    """matplotlib's default font (DejaVu Sans unless configured) as a PIL font of ``pixels`` per em."""
-    from matplotlib.font_manager import FontProperties, findfont
+    """DejaVu Sans (PIL's own font where it is missing) as a PIL font of ``pixels`` per em."""
     from PIL import ImageFont
 
-    return ImageFont.truetype(findfont(FontProperties()), pixels)
+    file = _font_file()
+    return ImageFont.truetype(file, pixels) if file else ImageFont.load_default(pixels)
 
 
 def _vertical(picture: Any, at: tuple[float, float], text: str, font: Any, fill: tuple[int, ...]) -> None:
@@ -229,17 +343,25 @@ def _vertical(picture: Any, at: tuple[float, float], text: str, font: Any, fill:
     ImageDraw.Draw(ink).text((-left, -top), text, fill=255, font=font, anchor="ls")
     ink = ink.transpose(Image.Transpose.ROTATE_90)
     corner = (round(at[0] - ink.width), round(at[1] - ink.height / 2))
-    picture.paste(Image.new("RGB", ink.size, fill), corner, mask=ink)
+    picture.paste(Image.new(picture.mode, ink.size, fill), corner, mask=ink)
+
+
+# The step sizes matplotlib's MaxNLocator tries, in units of the power of ten below the range ÷ intervals
+_STEPS = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
 
 
 def _ticks(lo: float, hi: float) -> tuple[np.ndarray, list[str]]:
-    """Round values inside [lo, hi] (matplotlib's ``MaxNLocator``) and their labels, every label with the
-    decimals the finest needs, and a true minus sign."""
-    from matplotlib.ticker import MaxNLocator
-
-    values = MaxNLocator(TICKS).tick_values(lo, hi)
+    """Round values inside [lo, hi] and their labels: the multiples of the smallest step (1, 1.5, 2, 2.5, 3,
+    4, 5, 6 or 8 times a power of ten) that makes at most ``TICKS`` intervals, as matplotlib's MaxNLocator
+    picks them; every label with the decimals the finest needs, and a true minus sign."""
+    raw = (hi - lo) / TICKS
+    steps = _STEPS * 10.0 ** math.floor(math.log10(raw))
+    first = int(np.nonzero(steps >= raw * (1 - 1e-12))[0][0])
     tolerance = 1e-9 * (hi - lo)
-    values = values[(values >= lo - tolerance) & (values <= hi + tolerance)]
+    for step in steps[: first + 1][::-1]:  # the smallest large enough, or smaller while too few show
+        values = np.arange(math.ceil((lo - tolerance) / step), math.floor((hi + tolerance) / step) + 1) * step
+        if len(values) >= 2:
+            break
     values = np.where(np.abs(values) < tolerance, 0.0, values)  # no "−0"
     decimals = next((d for d in range(8) if np.allclose(np.round(values, d), values, rtol=0, atol=tolerance)), 8)
     return values, [f"{v:.{decimals}f}".replace("-", "−") for v in values]
@@ -311,19 +433,17 @@ class FitFigure(Canvas):
         ys = np.concatenate([y.reshape(-1), y_val.reshape(-1)])
         super().__init__(dpi, (xs[0], xs[-1]), _span(float(ys.min()), float(ys.max()), 0.15), "x", "y")
         k = y.shape[1]
-        dots = {"ls": "none", "marker": "o"}  # markers on a line, not a scatter: one stamped marker, much faster
         for j in range(k):
             color = COLORS[j % len(COLORS)]
-            self.line(x[:MAX_POINTS, 0], y[:MAX_POINTS, j], ms=3.6, mew=0, color=_light(color, 0.35), **dots)
+            self.markers(x[:MAX_POINTS, 0], y[:MAX_POINTS, j], _light(color, 0.35), 3.6)
             if len(x_val):
-                self.line(x_val[:MAX_POINTS, 0], y_val[:MAX_POINTS, j], ms=3.3, mfc="none", mec=color, mew=0.6, **dots)
+                self.markers(x_val[:MAX_POINTS, 0], y_val[:MAX_POINTS, j], color, 3.3, edge=0.6, hollow=True)
             if reference is not None:
-                self.line(xs, reference[:, j], ls="--", color="0.45", lw=1.0)
+                self.line(xs, reference[:, j], "0.45", 1.0, "--")
             if start is not None:
-                self.line(xs, start[:, j], ls=":", color=color, lw=1.5)
-        self.curves = [
-            self.line(xs, np.zeros_like(xs), moving=True, color=COLORS[j % len(COLORS)], lw=2.0) for j in range(k)
-        ]
+                self.line(xs, start[:, j], color, 1.5, ":")
+        self.xs = xs
+        self.curves = [self.line(xs, np.zeros_like(xs), COLORS[j % len(COLORS)], 2.0, moving=True) for j in range(k)]
         entries = [("● data", _light(COLORS[0], 0.35))]
         if len(x_val):
             entries.append(("○ validation", COLORS[0]))
@@ -359,9 +479,6 @@ class CostSurfaceFigure(Canvas):
     """
 
     def __init__(self, quadratic: LeastSquares, start: tuple[float, float], dpi: int = DPI) -> None:
-        from matplotlib import colormaps
-        from matplotlib.collections import LineCollection
-
         m_opt, c_opt = quadratic.optimum[0].tolist()
         m_lo, m_hi = sorted((start[0], m_opt))
         c_lo, c_hi = sorted((start[1], c_opt))
@@ -372,14 +489,13 @@ class CostSurfaceFigure(Canvas):
         corners = torch.tensor([[m_lo, m_hi, m_lo, m_hi], [c_lo, c_lo, c_hi, c_hi]], dtype=torch.float64)
         highest = quadratic.costs(corners[0], corners[1]).max().item()  # over the view, a bowl peaks at a corner
         # contours at costs spaced geometrically above the optimum: the ellipses close in on it evenly
-        gaps = (highest - quadratic.cost) * np.geomspace(3e-3, 1.0, 10)
-        self.add(
-            LineCollection(_ellipses(quadratic, gaps), colors=colormaps["viridis"](np.linspace(0, 0.9, 10)), lw=0.9)
-        )
-        self.line([m_opt], [c_opt], marker="*", ms=13, color="#d62728", ls="none")
-        self.line([start[0]], [start[1]], marker="o", ms=6, mfc="none", mec="black", ls="none")
-        self.path = self.line([], [], moving=True, color="#ff7f0e", lw=1.4)
-        self.head = self.line([], [], moving=True, marker="o", ls="none", color="#ff7f0e", ms=5)
+        gaps = (highest - quadratic.cost) * np.geomspace(3e-3, 1.0, len(VIRIDIS))
+        for contour, color in zip(_ellipses(quadratic, gaps), VIRIDIS, strict=True):
+            self.line(contour[:, 0], contour[:, 1], color, 0.9)
+        self.markers([m_opt], [c_opt], "#d62728", 13, star=True)
+        self.markers([start[0]], [start[1]], "black", 6, edge=1.0, hollow=True)
+        self.path = self.line([], [], "#ff7f0e", 1.4, moving=True)
+        self.head = self.markers([], [], "#ff7f0e", 5, moving=True)
         entries = [("★ least squares", "#d62728"), ("○ start", "black"), ("— gradient descent", "#ff7f0e")]
         self.key(entries, np.array([[m_opt, c_opt], [start[0], start[1]]]))
 
@@ -428,27 +544,22 @@ class DecisionRegionsFigure(Canvas):
     """
 
     def __init__(self, x, labels, num_classes: int, extent, resolution: int, dpi: int = DPI) -> None:
-        from matplotlib.image import BboxImage
-
         super().__init__(dpi, extent[:2], extent[2:], "x₁", "x₂")
         colors = [COLORS[k % len(COLORS)] for k in range(num_classes)]
-        # each class's colour as RGBA bytes: an image of them skips matplotlib's normalising and colour mapping
-        self.palette = np.array([[round(255 * c) for c in _light(color, 0.65)] + [255] for color in colors], np.uint8)
-        # the grid fills the frame: row 0 at the bottom (x₂ = extent[2]), one flat cell per grid point
-        self.image = self.move(BboxImage(self.box, interpolation="nearest", origin="lower"))
-        self.image.set_data(self.palette[np.zeros((resolution, resolution), int)])
-        self.fig.add_artist(self.image)
-        # the data goes over the regions, so it moves with them: one line of markers per class
+        # each class's colour, light: one flat cell per grid point, filling the frame
+        self.palette = np.array([_rgb(_light(color, 0.65)) for color in colors], np.uint8)
+        # the data goes over the regions, so it moves with them: one set of markers per class
         x, labels = x[:MAX_POINTS], labels[:MAX_POINTS]
         for k in range(num_classes):
             mine = labels == k
-            self.line(x[mine, 0], x[mine, 1], moving=True, ls="none", marker="o", ms=3.2, mew=0, color=colors[k])
-        self.move(self.frame)  # over the regions
+            self.markers(x[mine, 0], x[mine, 1], colors[k], 3.2, moving=True)
 
     def draw(self, classes: np.ndarray, title: str) -> np.ndarray:
         """``classes``: the predicted class at each grid point (resolution, resolution), row = x₂."""
-        self.image.set_data(self.palette[classes])  # (resolution, resolution, 4)
-        return self.render(title)
+        from PIL import Image
+
+        cells = Image.fromarray(np.ascontiguousarray(self.palette[classes[::-1]]))  # row 0 at the top: x₂ high
+        return self.render(title, cells.resize(self.data.size, Image.Resampling.NEAREST))
 
 
 class Figures(L.Callback):
