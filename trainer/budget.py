@@ -69,8 +69,11 @@ class TimeBudget:
             return False
         if self.last_step is not None and step - self.last_step < self.every_n_steps:
             return False
-        elapsed = self.clock() - self.started
-        return self.spent + self.last_cost <= self.max_overhead * elapsed
+        return self.affordable()
+
+    def affordable(self) -> bool:
+        """Whether the time spent so far leaves room for another piece (``due`` without the step count)."""
+        return self.spent + self.last_cost <= self.max_overhead * (self.clock() - self.started)
 
     @contextmanager
     def timed(self, step: int) -> Iterator[None]:
