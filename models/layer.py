@@ -177,12 +177,13 @@ class Layer(nn.Module):
             torch.mm(a, b, out=grad)  # no allocation, no zeroing
 
     @staticmethod
-    def _grad_of_sum(param: Tensor, g: Tensor, accumulate: bool = True) -> None:
-        """∂C/∂param = Σₙ g (over the batch, dim 0) into ``param.grad``, as ``_grad_of_product``."""
+    def _grad_of_sum(param: Tensor, g: Tensor, accumulate: bool = True, dim: int = 0) -> None:
+        """∂C/∂param = Σₙ g (over the batch: ``dim`` 0, or 1 for a gᵀ) into ``param.grad``, as
+        ``_grad_of_product``."""
         grad = param.grad
         if grad is None:
-            param.grad = g.sum(0)
+            param.grad = g.sum(dim)
         elif accumulate:
-            grad.add_(g.sum(0))
+            grad.add_(g.sum(dim))
         else:
-            torch.sum(g, 0, out=grad)
+            torch.sum(g, dim, out=grad)
