@@ -326,16 +326,21 @@ class BackpropModule(L.LightningModule):
         self._last_pred = None
         if not costs:
             return None
-        series = {"train/cost": torch.stack(costs)}  # (k,), on the device
+        k = len(costs)
+        values = torch.stack(costs + accuracies)  # (k,) or (2k,): one op, then the call's one host sync
+        numbers = values.tolist()
+        cost_values = numbers[:k]
         if accuracies:
-            series["train/accuracy"] = torch.stack(accuracies)
-        names = list(series)
-        rows = torch.stack([series[name] for name in names], 1).tolist()  # (k, names): the call's one host sync
+            accuracy_values = numbers[k:]
+            names = ["train/cost", "train/accuracy"]
+            rows = [list(row) for row in zip(cost_values, accuracy_values, strict=True)]
+        else:
+            names, rows = ["train/cost"], [[value] for value in cost_values]
         self._log_each_update(first, names, rows)
-        cost = series["train/cost"][-1]
-        self._publish_cost(cost, rows[-1][0])
+        cost = costs[-1]
+        self._publish_cost(cost, cost_values[-1])
         # every update's cost, as tensors and as the numbers already read (for trainer.callbacks.Convergence)
-        return {"loss": cost, "costs": series["train/cost"], "cost_values": [row[0] for row in rows]}
+        return {"loss": cost, "costs": values[:k], "cost_values": cost_values}
 
     # Lightning inspects training_step's signature on every call (to see whether it takes batch_idx):
     # inspect.getfullargspec, about 10 µs a call. A function's ``__signature__`` answers that at once.
@@ -350,9 +355,10 @@ class BackpropModule(L.LightningModule):
         writes into the same dicts Lightning fills from ``self.log``.
         """
         connector = self.trainer._logger_connector
-        # a tensor of its own, not a view into the call's costs: ModelCheckpoint deep-copies these metrics
-        # every epoch, and torch keeps a little memory for each deep copy of a view
-        connector._callback_metrics["train/cost"] = cost.clone()
+        # a tensor of its own, never a view (under DDP the cost is one of the all-reduced buffer):
+        # ModelCheckpoint deep-copies these metrics every epoch, and torch keeps a little memory for each
+        # deep copy of a view
+        connector._callback_metrics["train/cost"] = cost if cost._base is None else cost.clone()
         connector._progress_bar_metrics["train/cost"] = value
 
     def _direct_step(self, opt: Any) -> Callable[[], None] | None:
