@@ -125,11 +125,12 @@ class BackpropModule(L.LightningModule):
         # differs. Every other update takes the fast kernels, which tests/test_gemm.py checks against these.
         self.reference_kernels = False
         self._last_flush = 0.0  # time.monotonic() of the loggers' last flush (_log_each_update)
+        self._event_writers: list[tuple[Any, Any]] | None = None  # (logger, its bulk writer or None), per fit
 
     # Attributes that only ever hold plain values (never a parameter, buffer or submodule), written on every
     # update: Lightning sets _current_fx_name around each hook it calls (27 times a training_step call), and
     # nn.Module.__setattr__ spends 0.9 µs on each checking what the value is, where a dict write takes 0.1.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_last_pred", "_last_flush"})
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_last_pred", "_last_flush", "_event_writers"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._PLAIN_ATTRIBUTES:
@@ -184,6 +185,9 @@ class BackpropModule(L.LightningModule):
         return not hp.hidden and hp.output_activation in (None, "identity") and hp.loss == "squared_error"
 
     # ------------------------------------------------------------------ the step
+
+    def on_train_start(self) -> None:
+        self._event_writers = None  # looked up again at the first update: a new fit may write new files
 
     def on_train_batch_start(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # The logger's step axis is Lightning's count of batches that stepped; with one update per batch it
@@ -411,7 +415,10 @@ class BackpropModule(L.LightningModule):
         (``trainer/events.py``), and the loggers are flushed (``logger.save()``) at most once a second, where
         Lightning's logging flushes after every step.
         """
-        if not self.loggers:
+        writers = self._event_writers
+        if writers is None:  # once a fit: each logger with its bulk TensorBoard writer, or None
+            writers = self._event_writers = [(logger, scalar_events(logger)) for logger in self.loggers]
+        if not writers:
             return
         every = self.trainer.log_every_n_steps
         # Lightning's rule for which steps to log
@@ -420,8 +427,7 @@ class BackpropModule(L.LightningModule):
             for i, row in enumerate(rows)
             if (first_step + i + 1) % every == 0
         ]
-        for logger in self.loggers:
-            events = scalar_events(logger)
+        for logger, events in writers:
             if events is not None:
                 events.write(points)  # TensorBoard: the whole call in one hand-off (trainer/events.py)
             else:
@@ -430,7 +436,7 @@ class BackpropModule(L.LightningModule):
         now = time.monotonic()
         if now - self._last_flush >= 1.0 or self.trainer.should_stop:
             self._last_flush = now
-            for logger in self.loggers:
+            for logger, _ in writers:
                 logger.save()
 
     @staticmethod
