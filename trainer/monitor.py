@@ -244,8 +244,10 @@ class Histograms(L.Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._writer is None:  # a small model, or not rank 0: nothing to do, so no step to look up
+            return
         step = trainer.global_step
-        if self._writer is None or not self.budget.due(step):
+        if not self.budget.due(step):
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
