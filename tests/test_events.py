@@ -71,10 +71,10 @@ def test_points_wait_in_the_training_thread_until_a_flush_or_enough_of_them(tmp_
     assert len(handed) == 1 and not events._pending
     assert [(e.step, e.value) for e in _read(tmp_path).Scalars("train/cost")] == [(0, 1.0)]
     step = 1
-    while len(handed) == 1 and step < 100_000:  # until the pending bytes reach HAND_OFF_BYTES
+    while len(handed) == 1 and step < 100_000:  # until HAND_OFF_POINTS points are pending
         events.write([(step, {"train/cost": float(step)})])
         step += 1
-    assert len(handed) == 2 and handed[1] >= ScalarEvents.HAND_OFF_BYTES and 1000 < step < 100_000
+    assert len(handed) == 2 and step == 1 + ScalarEvents.HAND_OFF_POINTS
     events.write([(step, {"train/cost": float(step)})])
     writer.close()  # the close hands off the rest
     assert len(handed) == 3
