@@ -411,7 +411,7 @@ class BackpropModule(L.LightningModule):
         ``log_every_n_steps``.
 
         The steps are those Lightning's own ``self.log`` would give (the update count before the update),
-        but a whole call's values come from one host sync, go to TensorBoard in one hand-off
+        but a whole call's values come from one host sync, go to TensorBoard's writer thread in bursts
         (``trainer/events.py``), and the loggers are flushed (``logger.save()``) at most once a second, where
         Lightning's logging flushes after every step.
         """
@@ -429,7 +429,7 @@ class BackpropModule(L.LightningModule):
         ]
         for logger, events in writers:
             if events is not None:
-                events.write(points)  # TensorBoard: the whole call in one hand-off (trainer/events.py)
+                events.write(points)  # TensorBoard: held, then handed off in bursts (trainer/events.py)
             else:
                 for step, metrics in points:
                     logger.log_metrics(metrics, step=step)
