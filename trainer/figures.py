@@ -74,11 +74,15 @@ def _rgb(color: Any) -> RGB:
 
 
 class Moving:
-    """What a render draws anew over the still picture: a ``draw(pen, to_pixels)`` and its data."""
+    """A part of a figure that every render draws anew: ``draw(pen, x, y)`` with its current data."""
 
     def __init__(self, draw: Callable[..., None], x: Any = (), y: Any = ()) -> None:
         self._draw = draw
         self.set_data(x, y)
+
+    def paint(self, pen: Any) -> None:
+        """Draw it with ``pen`` (on the data layer) at its current data."""
+        self._draw(pen, self.x, self.y)
 
     def set_data(self, x: Any, y: Any) -> None:
         self.x, self.y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -280,7 +284,7 @@ class Canvas:
         layer.paste(self.data if data is None else data, (0, 0))
         pen = ImageDraw.Draw(layer)
         for part in self.moving:
-            part._draw(pen, part.x, part.y)
+            part.paint(pen)
         picture, pen = self.picture, self._pens[0]
         picture.paste(layer.reduce(SUPERSAMPLE), (self.left, self.top))
         picture.paste(self._above, (0, 0))  # the last frame's title gone
@@ -450,7 +454,6 @@ class FitFigure(Canvas):
                 self.line(xs, reference[:, j], "0.45", 1.0, "--")
             if start is not None:
                 self.line(xs, start[:, j], color, 1.5, ":")
-        self.xs = xs
         self.curves = [self.line(xs, np.zeros_like(xs), COLORS[j % len(COLORS)], 2.0, moving=True) for j in range(k)]
         entries = [("● data", _light(COLORS[0], 0.35))]
         if len(x_val):
