@@ -268,3 +268,25 @@ def test_the_data_is_drawn_smooth_and_the_key_over_it():
     empty.key([("— model", "#1f77b4")])
     assert np.all(np.asarray(empty.data) == 255)  # not in the still data: over whatever moves
     assert (empty.render("t")[frame] < 255).any()
+
+
+@pytest.mark.parametrize("far", [1e30, np.inf, np.nan])
+def test_a_diverging_model_is_drawn_not_raised(far):
+    """A learning rate past its bound sends the curve and the path to 1e30, inf or nan: PIL draws in integers,
+    so such points must be held or dropped, and the part that shows still drawn."""
+    dm = LineData()
+    x, y = dm.x_train.numpy(), dm.y_train.numpy()
+    xs = np.linspace(-2.2, 2.2, 200)
+    curve = np.where(xs > 0, far, xs)[:, None]  # the left half finite, the right half far away
+    y_far = y.copy()
+    y_far[:5] = far if np.isfinite(far) else 1e30  # markers far outside the frame
+    figure = FitFigure(x, y, x[:0], y[:0], xs, curve, curve, dpi=80)  # dashed and dotted lines too
+    picture = figure.draw(curve, "step 9")
+    assert picture.shape == (300, 400, 3)
+    left = picture[figure.top + 2 : figure.bottom - 2, figure.left + 2 : (figure.left + figure.right) // 2 - 4]
+    blue = np.array([31, 119, 180])
+    assert np.any(np.all(left == blue, -1))  # the finite half of the curve is there
+    FitFigure(x, y_far, x[:0], y[:0], xs, None, None, dpi=80).draw(curve, "step 9")
+    surface = CostSurfaceFigure(LeastSquares(dm.x_train, dm.y_train, "mean"), (1.0, 0.0), dpi=80)
+    path = np.array([[1.0, 0.0], [1.5, -0.5], [far, -far]])
+    assert surface.draw(path, "step 2").shape == (300, 400, 3)

@@ -156,14 +156,12 @@ class Canvas:
         lengths = None if dash is None else (dash[0] * width, dash[1] * width)
 
         def draw(pen: Any, x: np.ndarray, y: np.ndarray) -> None:
-            xy = self.to_data_pixels(x, y)
-            if len(xy) < 2:
-                return
-            if lengths is None:
-                pen.line(xy.ravel().tolist(), fill=fill, width=width)
-                return
-            for segment in _dashes(xy, *lengths).tolist():
-                pen.line(segment, fill=fill, width=width)
+            for xy in self._drawable(self.to_data_pixels(x, y)):
+                if lengths is None:
+                    pen.line(xy.ravel().tolist(), fill=fill, width=width)
+                else:
+                    for segment in _dashes(xy, *lengths).tolist():
+                        pen.line(segment, fill=fill, width=width)
 
         return self._place(draw, x, y, moving)
 
@@ -180,7 +178,10 @@ class Canvas:
             shape = np.stack([np.cos(turns) * reach, -np.sin(turns) * reach], 1)
 
         def draw(pen: Any, x: np.ndarray, y: np.ndarray) -> None:
-            for px, py in self.to_data_pixels(x, y).tolist():
+            xy = self.to_data_pixels(x, y)
+            margin = 2 * radius + 2
+            near = np.all(np.isfinite(xy), 1) & np.all((xy > -margin) & (xy < np.array(self.data.size) + margin), 1)
+            for px, py in xy[near].tolist():  # only the markers that can show
                 if star:
                     pen.polygon((shape + (px, py)).ravel().tolist(), fill=fill, outline=fill)
                 elif hollow:
@@ -189,6 +190,19 @@ class Canvas:
                     pen.ellipse((px - radius, py - radius, px + radius, py + radius), fill=fill)
 
         return self._place(draw, x, y, moving)
+
+    def _drawable(self, xy: np.ndarray) -> list[np.ndarray]:
+        """The runs of finite points of the polyline ``xy`` (P, 2) in data-layer pixels, with at least two
+        points each, their coordinates held within a few frames of the data layer (a diverging model's curve
+        can reach 1e30, or inf: PIL draws in integers). Clamping moves only points far outside the frame; the
+        part of a segment that shows keeps its place to within a pixel, since the curves are finely sampled."""
+        finite = np.all(np.isfinite(xy), 1)
+        bound = 4.0 * max(self.data.size)
+        xy = np.clip(xy, -bound, bound)
+        if finite.all():
+            return [xy] if len(xy) > 1 else []
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], finite.astype(np.int8), [0]])))  # run starts, ends
+        return [xy[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a > 1]
 
     def _place(self, draw: Callable[..., None], x, y, moving: bool) -> Moving | None:
         """Draw into the still data now, or keep as a ``Moving`` part drawn at every render."""
