@@ -177,13 +177,12 @@ class Layer(nn.Module):
             torch.mm(a, b, out=grad)  # no allocation, no zeroing
 
     @staticmethod
-    def _grad_of_sum(param: Tensor, g: Tensor, accumulate: bool = True, dim: int = 0) -> None:
-        """∂C/∂param = Σₙ g (over the batch: ``dim`` 0, or 1 for a gᵀ) into ``param.grad``, as
-        ``_grad_of_product``."""
+    def _grad_of_sum(param: Tensor, g_t: Tensor, accumulate: bool = True) -> None:
+        """∂C/∂param = Σₙ g, the row sums of ``g_t`` = gᵀ (O, N), into ``param.grad``, as ``_grad_of_product``."""
         grad = param.grad
         if grad is None:
-            param.grad = g.sum(dim)
+            param.grad = g_t.sum(1)
         elif accumulate:
-            grad.add_(g.sum(dim))
+            grad.add_(g_t.sum(1))
         else:
-            torch.sum(g, dim, out=grad)
+            torch.sum(g_t, 1, out=grad)

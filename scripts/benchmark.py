@@ -147,19 +147,25 @@ class _MeanOverExamples(nn.Module):
 # Clocks and the A/B harness
 
 
+# The host clock of each kind, by name (a fresh process is handed the name): the process's CPU time or wall time
+HOST_CLOCKS = {"cpu": "process_time", "wall": "perf_counter"}
+
+
 class Clock:
     """Seconds per call of ``fn``.
 
     On a GPU: a pair of CUDA events (device time). On the CPU, ``cpu`` (the default) reads the process's
     CPU time, all its threads together: on a machine shared with other work it leaves out the time this
     process waits for a core, which wall time counts as ours or theirs at random. ``wall`` reads
-    ``time.perf_counter``.
+    ``time.perf_counter``. ``host_kind`` is the host clock's kind (``wall`` on a GPU, whose loops are timed
+    by wall time).
     """
 
     def __init__(self, device: torch.device, kind: str = "cpu") -> None:
         self.cuda = device.type == "cuda"
         self.kind = "cuda events" if self.cuda else kind
-        self.now = time.process_time if kind == "cpu" else time.perf_counter
+        self.host_kind = "cpu" if self.kind == "cpu" else "wall"
+        self.now = getattr(time, HOST_CLOCKS[self.host_kind])
 
     def sync(self) -> None:
         if self.cuda:
@@ -599,10 +605,6 @@ def timed_fit(args: list[str], stamp: Callable[[], float]) -> dict[str, float]:
     }
 
 
-def _clock_of(kind: str) -> Callable[[], float]:
-    return time.process_time if kind == "cpu" else time.perf_counter
-
-
 def _first_pictures(config: str, kind: str, threads: int, accelerator: str) -> None:
     """Run in a fresh process by ``once_per_process``: prints its measurements of ``config`` as JSON."""
     import importlib
@@ -610,7 +612,7 @@ def _first_pictures(config: str, kind: str, threads: int, accelerator: str) -> N
     import trainer.cli  # noqa: F401  (what every `trainer fit` imports before it draws anything)
 
     torch.set_num_threads(threads)
-    clock = _clock_of(kind)
+    clock = getattr(time, HOST_CLOCKS[kind])
     begin = clock()
     for module in FIGURE_IMPORTS:
         importlib.import_module(module)
@@ -653,7 +655,7 @@ def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[st
 
     missing = [c for c in configs if (c, kind, accelerator) not in _ONCE]
     if missing:
-        clock = "process_time" if kind == "cpu" else "perf_counter"
+        clock = HOST_CLOCKS[kind]
         modules = ", ".join(FIGURE_IMPORTS)
         alone = python(f"import time; t = time.{clock}(); import {modules}; print(time.{clock}() - t)")
         alone = float(result(alone))
@@ -682,8 +684,7 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
     the machine only ever adds time: one such fit moved a quad's ratio of means by 10 %), and the result is
     the median over the quads.
     """
-    kind = "cpu" if s.clock.kind == "cpu" else "wall"
-    once = once_per_process([config], kind, s.device.type)[config]
+    once = once_per_process([config], s.clock.host_kind, s.device.type)[config]
     save = s.workdir / name
     device = ["--trainer.accelerator", s.device.type]
     sides = {"ours": device, "reference": [*device, *PICTURES_OFF]}
@@ -713,8 +714,8 @@ def pictures_comparison(s: Settings, name: str, config: str, updates: int, repea
 def _figures(name: str, repeats: tuple[int, int]) -> Callable[[Settings], Result]:
     def run(s: Settings) -> Result:
         config, updates = PICTURE_RUNS[name]
-        kind = "cpu" if s.clock.kind == "cpu" else "wall"
-        once_per_process([c for c, _ in PICTURE_RUNS.values()], kind, s.device.type)  # all side by side, once
+        configs = [c for c, _ in PICTURE_RUNS.values()]
+        once_per_process(configs, s.clock.host_kind, s.device.type)  # all side by side, once
         return pictures_comparison(s, f"figures.{name}", config, updates, s.scale(*repeats))
 
     return run

@@ -112,7 +112,6 @@ class ScalarEvents:
     HAND_OFF_POINTS = 1024  # about 40 KiB of events
 
     def __init__(self, async_writer: Any) -> None:
-        self._async_writer = async_writer
         self._write, self._flush, self._close = async_writer.write, async_writer.flush, async_writer.close
         self._pending: list[tuple[int, dict[str, float], float]] = []  # (step, {tag: value}, wall time)
         async_writer.write = self._write_other

@@ -435,8 +435,7 @@ def image_summary(tag: str, rgb: np.ndarray) -> Any:
 
 def _light(color: str, amount: float = 0.6) -> tuple[float, float, float]:
     """``color`` mixed with white."""
-    rgb = [int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)]
-    return tuple(c + (1 - c) * amount for c in rgb)
+    return tuple(c / 255 + (1 - c / 255) * amount for c in _rgb(color))
 
 
 def _span(lo: float, hi: float, margin: float = 0.08) -> tuple[float, float]:

@@ -334,13 +334,10 @@ class BackpropModule(L.LightningModule):
         values = torch.stack(costs + accuracies)  # (k,) or (2k,): one op, then the call's one host sync
         numbers = values.tolist()
         cost_values = numbers[:k]
-        if accuracies:
-            accuracy_values = numbers[k:]
-            names = ["train/cost", "train/accuracy"]
-            rows = [list(row) for row in zip(cost_values, accuracy_values, strict=True)]
-        else:
-            names, rows = ["train/cost"], [[value] for value in cost_values]
-        self._log_each_update(first, names, rows)
+        series = (
+            {"train/cost": cost_values, "train/accuracy": numbers[k:]} if accuracies else {"train/cost": cost_values}
+        )
+        self._log_each_update(first, series)
         cost = costs[-1]
         self._publish_cost(cost, cost_values[-1])
         # every update's cost, as tensors and as the numbers already read (for trainer.callbacks.Convergence)
@@ -406,8 +403,8 @@ class BackpropModule(L.LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
-    def _log_each_update(self, first_step: int, names: list[str], rows: list[list[float]]) -> None:
-        """Write update i's values (``rows[i]``, one per name) to the loggers at step first_step + i, every
+    def _log_each_update(self, first_step: int, series: dict[str, list[float]]) -> None:
+        """Write update i's values (the i-th of each series) to the loggers at step first_step + i, every
         ``log_every_n_steps``.
 
         The steps are those Lightning's own ``self.log`` would give (the update count before the update),
@@ -422,9 +419,10 @@ class BackpropModule(L.LightningModule):
             return
         every = self.trainer.log_every_n_steps
         # Lightning's rule for which steps to log
+        names = list(series)
         points = [
             (first_step + i, dict(zip(names, row, strict=True)))
-            for i, row in enumerate(rows)
+            for i, row in enumerate(zip(*series.values(), strict=True))
             if (first_step + i + 1) % every == 0
         ]
         for logger, events in writers:
