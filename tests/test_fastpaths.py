@@ -734,3 +734,31 @@ def test_lightning_still_finds_batch_idx_in_training_steps_signature() -> None:
     module = BackpropModule()
     assert is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
     assert not is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+
+
+def test_each_call_reads_the_tensors_asked_for_with_its_costs(tmp_path):
+    """read_each_call: every training_step call hands back the values of the tensors asked for, read after
+    its updates with the costs; asking for none stops it, and a tensor of more than one element is refused."""
+    module = BackpropModule(in_features=1, out_features=1, hidden=[3], lr=0.05)
+    first = module.model.linears[0]
+
+    class Reads(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[list[float], list[float]]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            expected = [first.weight[1, 0].item(), first.bias[2].item()]  # after the call's update
+            self.seen.append((outputs.get("read"), expected))
+
+    reads = Reads()
+    module.read_each_call(first.weight[1, 0], first.bias[2])
+    quiet_trainer(tmp_path, max_steps=4, callbacks=[reads]).fit(module, RegressionData(n=64, batch_size=16))
+    assert len(reads.seen) == 4
+    for got, expected in reads.seen:
+        assert got == pytest.approx(expected, rel=0, abs=0)
+    module.read_each_call()
+    reads.seen.clear()
+    quiet_trainer(tmp_path, max_steps=2, callbacks=[reads]).fit(module, RegressionData(n=64, batch_size=16))
+    assert [got for got, _ in reads.seen] == [None, None]  # nothing read any more
+    with pytest.raises(ValueError, match="one element"):
+        module.read_each_call(first.bias)

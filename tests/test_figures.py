@@ -87,8 +87,9 @@ def _fit_figure():
 def test_a_blitted_frame_is_the_frame_drawn_from_scratch():
     """Redrawing only what moves gives the same pixels as building the figure for that state."""
     reused, xs = _fit_figure()
-    reused.draw(np.zeros((200, 1)), "step 0")
-    reused.draw(-xs[:, None], "step 5")
+    reused.draw(np.zeros((200, 1)), "step 0")  # the first frame: its still parts drawn straight in
+    second = reused.draw(-xs[:, None], "step 5").copy()  # the still parts kept from here on
+    np.testing.assert_array_equal(second, _fit_figure()[0].draw(-xs[:, None], "step 5"))
     blitted = reused.draw(2 * xs[:, None] - 1, "step 9").copy()
     fresh, _ = _fit_figure()
     drawn = fresh.draw(2 * xs[:, None] - 1, "step 9")
@@ -140,13 +141,16 @@ def test_the_ellipses_are_the_contours_of_the_cost():
     np.testing.assert_allclose(costs - quad.cost, np.broadcast_to(gaps[:, None], costs.shape), rtol=1e-9)
 
 
-def test_the_cost_surface_path_is_gradient_descent(tmp_path):
-    """The (slope, intercept) recorded after every update are torch.optim.SGD's on autograd's cost."""
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_the_cost_surface_path_is_gradient_descent(tmp_path, per_call):
+    """The (slope, intercept) recorded after every training_step call are torch.optim.SGD's on autograd's
+    cost: after every update, or every third with three updates a call (the last call makes one)."""
     from trainer.cli import make_cli
 
     steps = 25
     args = ["--config", str(ROOT / "configs/line.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    args += ["--trainer.max_steps", str(steps), "--convergence.tol", "0", *QUIET]
+    args += ["--trainer.max_steps", str(steps), "--convergence.tol", "0", "--model.steps_per_call", str(per_call)]
+    args += QUIET
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
         cli = make_cli(args, run=False)
@@ -154,11 +158,15 @@ def test_the_cost_surface_path_is_gradient_descent(tmp_path):
     theta = torch.tensor([cli.model.hparams.slope, cli.model.hparams.intercept], requires_grad=True)
     cli.trainer.fit(cli.model, cli.datamodule)
     figures = next(c for c in cli.trainer.callbacks if isinstance(c, Figures))
-    path = figures._path()
-    assert path.shape == (steps + 1, 2)
+    path = figures.path()
+    recorded = [0, *range(per_call, steps, per_call), steps]  # the updates made before each point
+    assert path.shape == (len(recorded), 2)
+    assert cli.model._reads == []  # the module reads nothing for the figures once the fit is over
     opt = torch.optim.SGD([theta], lr=lr)
     for k in range(steps + 1):
-        torch.testing.assert_close(path[k], theta.detach().double().numpy(), rtol=1e-5, atol=1e-6)
+        if k in recorded:
+            point = path[recorded.index(k)]
+            torch.testing.assert_close(point, theta.detach().double().numpy(), rtol=1e-5, atol=1e-6)
         opt.zero_grad()
         ((theta[0] * x + theta[1] - y) ** 2).mean().backward()
         opt.step()
@@ -266,7 +274,7 @@ def test_the_data_is_drawn_smooth_and_the_key_over_it():
     frame = (slice(empty.top + 2, empty.bottom - 2), slice(empty.left + 2, empty.right - 2))
     assert np.all(empty.render("t")[frame] == 255)
     empty.key([("— model", "#1f77b4")])
-    assert np.all(np.asarray(empty.data) == 255)  # not in the still data: over whatever moves
+    assert not empty.still  # not a still part of the data: set over whatever moves
     assert (empty.render("t")[frame] < 255).any()
 
 

@@ -100,3 +100,21 @@ def test_the_configured_lr_does_not_warn(tmp_path):
         warnings.simplefilter("always")
         fit("configs/line.yaml", tmp_path, "--trainer.max_steps", "3")
     assert not [w for w in record if issubclass(w.category, LearningRateWarning)]
+
+
+def test_a_data_set_is_solved_once_while_it_is_unchanged():
+    """LeastSquares.of hands back the solve of the same tensors; a change in place, other tensors or another
+    reduction get a solve of their own, equal to a fresh LeastSquares."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 2, generator=gen)
+    y = x @ torch.tensor([[1.5], [-2.0]]) + 0.3 + 0.1 * torch.randn(50, 1, generator=gen)
+    first = LeastSquares.of(x, y, "mean")
+    assert LeastSquares.of(x, y, "mean") is first
+    assert LeastSquares.of(x, y, "sum") is not first
+    assert LeastSquares.of(x.clone(), y, "mean") is not first
+    y[0] += 5.0  # in place: the old solve no longer holds
+    again = LeastSquares.of(x, y, "mean")
+    assert again is not first
+    fresh = LeastSquares(x, y, "mean")
+    torch.testing.assert_close(again.optimum, fresh.optimum, rtol=0, atol=0)
+    assert again.cost == fresh.cost

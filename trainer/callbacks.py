@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from trainer.optimum import least_squares, squared_error
+from trainer.optimum import LeastSquares
 
 
 class Convergence(L.Callback):
@@ -193,9 +193,9 @@ def run_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
     if scalars is not None:
         summary["parameters"] = scalars
     if pl_module.is_linear and dm is not None and hasattr(dm, "x_train"):
-        weight, bias = least_squares(dm.x_train, dm.y_train)
+        solved = LeastSquares.of(dm.x_train, dm.y_train, hp.reduction)  # the monitor's solve, if still valid
+        weight, bias, optimum_cost = solved.weight, solved.bias, solved.cost
         lin = pl_module.model.linears[0]
-        optimum_cost = squared_error(dm.x_train, dm.y_train, weight, bias, hp.reduction)
         optimum: dict[str, Any] = {"cost": optimum_cost}
         if weight.shape == (1, 1):
             optimum.update(slope=weight.item(), intercept=bias.item())

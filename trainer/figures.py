@@ -117,14 +117,22 @@ class Canvas:
         self.left, self.right = round(FRAME[0] * self.width), round(FRAME[2] * self.width)
         self.top, self.bottom = round((1 - FRAME[3]) * self.height), round((1 - FRAME[1]) * self.height)
         self.xlim, self.ylim = xlim, ylim
-        size = (self.right - self.left, self.bottom - self.top)
+        self.data_size = ((self.right - self.left) * SUPERSAMPLE, (self.bottom - self.top) * SUPERSAMPLE)
         self.picture = Image.new("RGB", (self.width, self.height), "white")  # the frame's surroundings
-        self.data = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), "white")  # the still data
-        self._pens = (ImageDraw.Draw(self.picture), ImageDraw.Draw(self.data))
+        self._pen = ImageDraw.Draw(self.picture)
+        self.still: list[Moving] = []  # drawn into every frame's data, under what moves
+        self.data = None  # the still parts drawn once, from a figure's second frame on (``render``)
         self.moving: list[Moving] = []
         self.over: list[tuple] = []  # the text set over the data (the key): (where, text, fill, font, anchor)
         self._axis_labels(xlabel, ylabel)
         self._above = self.picture.crop((0, 0, self.width, self.top))  # what each frame's title is set on
+
+    _frames = 0  # rendered so far
+
+    @staticmethod
+    def _paint(parts: list[Moving], pen: Any) -> None:
+        for part in parts:
+            part.paint(pen)
 
     # ------------------------------------------------------------------ coordinates
 
@@ -135,7 +143,7 @@ class Canvas:
     def to_data_pixels(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Data coordinates → (P, 2) pixel coordinates in the data layer (from its top left)."""
         (x0, x1), (y0, y1) = self.xlim, self.ylim
-        width, height = self.data.size
+        width, height = self.data_size
         return np.stack([(np.asarray(x) - x0) * (width / (x1 - x0)), (y1 - np.asarray(y)) * (height / (y1 - y0))], -1)
 
     def _frame_pixel(self, u: float, v: float) -> tuple[float, float]:
@@ -180,7 +188,7 @@ class Canvas:
         def draw(pen: Any, x: np.ndarray, y: np.ndarray) -> None:
             xy = self.to_data_pixels(x, y)
             margin = 2 * radius + 2
-            near = np.all(np.isfinite(xy), 1) & np.all((xy > -margin) & (xy < np.array(self.data.size) + margin), 1)
+            near = np.all(np.isfinite(xy), 1) & np.all((xy > -margin) & (xy < np.array(self.data_size) + margin), 1)
             for px, py in xy[near].tolist():  # only the markers that can show
                 if star:
                     pen.polygon((shape + (px, py)).ravel().tolist(), fill=fill, outline=fill)
@@ -197,7 +205,7 @@ class Canvas:
         can reach 1e30, or inf: PIL draws in integers). Clamping moves only points far outside the frame; the
         part of a segment that shows keeps its place to within a pixel, since the curves are finely sampled."""
         finite = np.all(np.isfinite(xy), 1)
-        bound = 4.0 * max(self.data.size)
+        bound = 4.0 * max(self.data_size)
         xy = np.clip(xy, -bound, bound)
         if finite.all():
             return [xy] if len(xy) > 1 else []
@@ -205,13 +213,10 @@ class Canvas:
         return [xy[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a > 1]
 
     def _place(self, draw: Callable[..., None], x, y, moving: bool) -> Moving | None:
-        """Draw into the still data now, or keep as a ``Moving`` part drawn at every render."""
-        if moving:
-            part = Moving(draw, x, y)
-            self.moving.append(part)
-            return part
-        draw(self._pens[1], np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-        return None
+        """Keep as a still part of the data, or as a ``Moving`` part, whose data each frame may change."""
+        part = Moving(draw, x, y)
+        (self.moving if moving else self.still).append(part)
+        return part if moving else None
 
     def label(
         self,
@@ -244,12 +249,12 @@ class Canvas:
         elif vertical:
             _vertical(self.picture, (px, py), text, font, fill)
         else:
-            self._pens[0].text((px, py), text, fill=fill, font=font, anchor=anchor)
+            self._pen.text((px, py), text, fill=fill, font=font, anchor=anchor)
 
     def _axis_labels(self, xlabel: str, ylabel: str) -> None:
         """Tick marks at round values (as matplotlib's ``MaxNLocator`` picks them), their labels, and the axis
         labels."""
-        pen, tick = self._pens[0], max(1, round(PAD * self.dpi / 72))
+        pen, tick = self._pen, max(1, round(PAD * self.dpi / 72))
         x_values, x_labels = _ticks(*self.xlim)
         y_values, y_labels = _ticks(*self.ylim)
         for value, text in zip(x_values, x_labels, strict=True):
@@ -288,18 +293,30 @@ class Canvas:
     def render(self, title: str, data: Any = None) -> np.ndarray:
         """The figure titled ``title``: an (H, W, 3) uint8 RGB array of its own.
 
-        ``data``: the data layer to start from (an image of its size), or None for the still data. The
+        ``data``: the data layer to start from (an image of ``data_size``), or None for the still parts. The
         frame is drawn in a scratch image shared by every figure of this size, and set into the picture
         in place: a new image costs ten times as much as writing over one, in first touches of its memory.
+        The still parts are drawn straight into the first frame; from the second on, they are drawn once
+        into ``data``, which each frame starts from. So a figure drawn once, as a short run's are at its
+        end, keeps no image of its data.
         """
-        from PIL import ImageDraw
+        from PIL import Image, ImageDraw
 
-        layer = _scratch(self.data.size)
-        layer.paste(self.data if data is None else data, (0, 0))
-        pen = ImageDraw.Draw(layer)
-        for part in self.moving:
-            part.paint(pen)
-        picture, pen = self.picture, self._pens[0]
+        layer = _scratch(self.data_size)
+        if data is None and self.data is None and self._frames:  # a second frame: more may follow
+            self.data = Image.new("RGB", self.data_size, "white")
+            self._paint(self.still, ImageDraw.Draw(self.data))
+        start = self.data if data is None else data
+        if start is None:  # the first frame: the still parts drawn straight into it
+            layer.paste((255, 255, 255), (0, 0, *self.data_size))
+            pen = ImageDraw.Draw(layer)
+            self._paint(self.still, pen)
+        else:
+            layer.paste(start, (0, 0))
+            pen = ImageDraw.Draw(layer)
+        self._paint(self.moving, pen)
+        self._frames += 1
+        picture, pen = self.picture, self._pen
         picture.paste(layer.reduce(SUPERSAMPLE), (self.left, self.top))
         picture.paste(self._above, (0, 0))  # the last frame's title gone
         pen.rectangle((self.left, self.top, self.right, self.bottom), outline=(0, 0, 0), width=1)  # over the data
@@ -583,7 +600,7 @@ class DecisionRegionsFigure(Canvas):
         from PIL import Image
 
         cells = Image.fromarray(np.ascontiguousarray(self.palette[classes[::-1]]))  # row 0 at the top: x₂ high
-        return self.render(title, cells.resize(self.data.size, Image.Resampling.NEAREST))
+        return self.render(title, cells.resize(self.data_size, Image.Resampling.NEAREST))
 
 
 class Figures(L.Callback):
@@ -646,54 +663,39 @@ class Figures(L.Callback):
         if self._writer is None:
             return
         self.budget.first_cost = FIRST_FRAME_SECONDS * (self._fit + self._surface + self._regions)
+        self._periodic = self.budget.enabled
         self.budget.start()
         self._built: dict[str, Any] = {}
-        if self._surface:  # (slope, intercept) after every update, in float32: 8 bytes an update, no object
-            self._slope_intercept = (lin.weight.detach().view(1), lin.bias.detach())  # views: SGD works in place
-            if lin.weight.is_cpu:
-                self._path_host, self._path_device = array("f"), None  # m₀ c₀ m₁ c₁ …
-            else:  # on an accelerator a read would wait for the update: kept there, room doubling when full
-                self._path_device, self._recorded = lin.weight.new_empty(1024, 2, dtype=torch.float32), 0
+        if self._surface:  # (slope, intercept) after every call, in float32: 8 bytes a call, no object
+            self._path = array("f", (lin.weight.item(), lin.bias.item()))  # m₀ c₀ m₁ c₁ …, the start first
+            # read by each training_step call with its costs (views: SGD works in place)
+            pl_module.read_each_call(lin.weight, lin.bias)
         self._drawn: dict[str, int] = {}  # figure → the step it was last drawn at
         self._start_step = trainer.global_step
-        if self._surface:
-            self._record()
         if self._fit:  # where the model's curve starts: every frame of figures/fit shows it
             k = int(pl_module.hparams.out_features)
             x = torch.cat([dm.x_train, dm.x_val])[:, 0]
             lo, hi = _span(x.min().item(), x.max().item(), 0.05)
-            self._xs = torch.linspace(lo, hi, 200, dtype=x.dtype, device=x.device).reshape(-1, 1)  # (M, 1)
+            # numpy's linspace: torch's first float64 linspace of a process takes 0.4 ms
+            self._xs = torch.from_numpy(np.linspace(lo, hi, 200)).to(x.device, x.dtype).reshape(-1, 1)  # (M, 1)
             with torch.no_grad(), _evaluating(pl_module):
                 self._start_curve = _numpy(pl_module.model(self._xs)).reshape(-1, k)  # (M, K)
         if self.budget.enabled and self._due_figures(self._start_step):  # the decision regions' first frame
             with self.budget.timed(self._start_step):
                 self._draw(trainer, pl_module, self._start_step)
 
-    def _record(self) -> None:
-        slope, intercept = self._slope_intercept
-        if self._path_device is None:  # on the CPU reading two numbers costs less than any tensor op
-            self._path_host.extend((slope.item(), intercept.item()))
-            return
-        if self._recorded == len(self._path_device):
-            self._path_device = torch.cat([self._path_device, torch.empty_like(self._path_device)])
-        torch.cat(self._slope_intercept, out=self._path_device[self._recorded])
-        self._recorded += 1
-
-    def _path(self, most: int | None = None) -> np.ndarray:
-        """The (slope, intercept) after every update so far, the start first (T, 2), float64; with ``most``,
-        thinned to about that many (``_thin``)."""
-        if self._path_device is None:
-            recorded = np.frombuffer(self._path_host, dtype=np.float32).reshape(-1, 2)  # a view: not kept
-        else:
-            recorded = self._path_device[: self._recorded].cpu().numpy()
+    def path(self, most: int | None = None) -> np.ndarray:
+        """The (slope, intercept) after every ``training_step`` call so far, the start first (T, 2), float64;
+        with ``most``, thinned to about that many (``_thin``)."""
+        recorded = np.frombuffer(self._path, dtype=np.float32).reshape(-1, 2)  # a view: not kept
         return (recorded if most is None else _thin(recorded, most)).astype(np.float64)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._writer is None:
             return
-        if self._surface:
-            self._record()
-        if self.budget.enabled and self.budget.affordable():  # only then read the step (a chain of properties)
+        if self._surface and outputs is not None:  # None: a call that made no update
+            self._path.extend(outputs["read"])
+        if self._periodic and self.budget.affordable():  # only then read the step (a chain of properties)
             self._maybe_draw(trainer, pl_module)
 
     def _maybe_draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -703,6 +705,7 @@ class Figures(L.Callback):
                 self._draw(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_reading(pl_module)
         step = trainer.global_step
         if self._writer is None or not self.at_end or not self._due_figures(step, at_end=True):
             return
@@ -710,6 +713,13 @@ class Figures(L.Callback):
         with budget.timed(step):
             self._draw(trainer, pl_module, step, at_end=True)
         self.spent_end = budget.spent  # the logger flushes the events when it closes, right after
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_reading(pl_module)
+
+    def _stop_reading(self, pl_module: L.LightningModule) -> None:
+        if self._writer is not None and self._surface:
+            pl_module.read_each_call()
 
     def _due_figures(self, step: int, at_end: bool = False) -> list[str]:
         """The figures to draw at ``step``: those that apply and are not drawn at this step yet.
@@ -762,11 +772,11 @@ class Figures(L.Callback):
 
     def _quadratic(self, dm, pl_module) -> LeastSquares:
         if "quadratic" not in self._built:
-            self._built["quadratic"] = LeastSquares(dm.x_train, dm.y_train, pl_module.hparams.reduction)
+            self._built["quadratic"] = LeastSquares.of(dm.x_train, dm.y_train, pl_module.hparams.reduction)
         return self._built["quadratic"]
 
     def _draw_surface(self, dm, pl_module, step: int) -> np.ndarray:
-        path = self._path(MAX_PATH)  # (T, 2), thinned
+        path = self.path(MAX_PATH)  # (T, 2), thinned
         figure = self._built.get("surface")
         if figure is None:
             figure = self._built["surface"] = CostSurfaceFigure(

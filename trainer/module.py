@@ -126,6 +126,7 @@ class BackpropModule(L.LightningModule):
         self.reference_kernels = False
         self._last_flush = 0.0  # time.monotonic() of the loggers' last flush (_log_each_update)
         self._event_writers: list[tuple[Any, Any]] | None = None  # (logger, its bulk writer or None), per fit
+        self._reads: list[Tensor] = []  # one-element tensors each call reads with its costs (read_each_call)
 
     # Attributes that only ever hold plain values (never a parameter, buffer or submodule), written on every
     # update: Lightning sets _current_fx_name around each hook it calls (27 times a training_step call), and
@@ -305,6 +306,18 @@ class BackpropModule(L.LightningModule):
                 "over k batches per call; use steps_per_call: 1 with other data"
             )
 
+    def read_each_call(self, *tensors: Tensor) -> None:
+        """Have every ``training_step`` call read ``tensors`` (each of one element, on the model's device)
+        after its updates, in the call's one host read of its costs: their values come back as the call's
+        ``outputs["read"]``, a list of floats. A callback that needs a number after every call, such as the
+        path of the line's slope and intercept (``trainer.figures``), gets it without a host read of its own.
+        A later call replaces them; with none, nothing more is read.
+        """
+        for t in tensors:
+            if t.numel() != 1:
+                raise ValueError(f"read_each_call takes tensors of one element; got one of shape {tuple(t.shape)}")
+        self._reads = [t.detach().view(()) for t in tensors]
+
     def training_step(self, batch: tuple[Tensor, Tensor] | StepGroup, batch_idx: int) -> dict[str, Tensor] | None:
         """One update per batch: the one batch, or each of a ``StepGroup``'s k (``steps_per_call``).
 
@@ -330,18 +343,21 @@ class BackpropModule(L.LightningModule):
         self._last_pred = None
         if not costs:
             return None
-        k = len(costs)
-        values = torch.stack(costs + accuracies)  # (k,) or (2k,): one op, then the call's one host sync
+        k, reads = len(costs), self._reads
+        values = torch.stack(costs + accuracies + reads)  # one op, then the call's one host sync
         numbers = values.tolist()
         cost_values = numbers[:k]
-        series = (
-            {"train/cost": cost_values, "train/accuracy": numbers[k:]} if accuracies else {"train/cost": cost_values}
-        )
+        series = {"train/cost": cost_values}
+        if accuracies:
+            series["train/accuracy"] = numbers[k : 2 * k]
         self._log_each_update(first, series)
         cost = costs[-1]
         self._publish_cost(cost, cost_values[-1])
         # every update's cost, as tensors and as the numbers already read (for trainer.callbacks.Convergence)
-        return {"loss": cost, "costs": values[:k], "cost_values": cost_values}
+        out = {"loss": cost, "costs": values[:k], "cost_values": cost_values}
+        if reads:
+            out["read"] = numbers[len(numbers) - len(reads) :]
+        return out
 
     # Lightning inspects training_step's signature on every call (to see whether it takes batch_idx):
     # inspect.getfullargspec, about 10 µs a call. A function's ``__signature__`` answers that at once.

@@ -114,7 +114,7 @@ class Monitor(L.Callback):
         dm = trainer.datamodule
         self.quadratic = self.lr_bound = None
         if pl_module.is_linear and dm is not None and hasattr(dm, "x_train"):
-            self.quadratic = LeastSquares(dm.x_train, dm.y_train, pl_module.hparams.reduction)
+            self.quadratic = LeastSquares.of(dm.x_train, dm.y_train, pl_module.hparams.reduction)
             group = trainer.optimizers[0].param_groups[0]
             self.lr_bound = self.quadratic.lr_bound(
                 momentum=group.get("momentum", 0.0),

@@ -7,6 +7,7 @@ solution of [x 1]·θ = y, which ``torch.linalg.lstsq`` gives directly.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -47,8 +48,28 @@ class LeastSquares:
     Args:
         x: inputs (N, I); y: targets (N, K) or (N,); reduction: ``mean`` or ``sum``.
 
-    Everything is kept in float64 on the CPU.
+    Everything is kept in float64 on the CPU. ``LeastSquares.of`` solves each data set once: the monitor
+    (the lr bound, the gap), the figures (the cost surface) and the summary ask for the same one.
     """
+
+    _SOLVED: list[tuple[weakref.ref, int, weakref.ref, int, str, LeastSquares]] = []  # newest last
+    _KEEP = 4
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor, reduction: str = "mean") -> LeastSquares:
+        """``LeastSquares(x, y, reduction)``, solved once for these very tensors while they are unchanged.
+
+        A tensor changed in place since (its ``_version`` moved on), or a new tensor, gets a new solve; the
+        cache holds the last few, and no tensor alive.
+        """
+        for entry in cls._SOLVED:
+            xr, xv, yr, yv, red, solved = entry
+            if xr() is x and yr() is y and xv == x._version and yv == y._version and red == reduction:
+                return solved
+        solved = cls(x, y, reduction)
+        entry = (weakref.ref(x), x._version, weakref.ref(y), y._version, reduction, solved)
+        cls._SOLVED = [*cls._SOLVED[-(cls._KEEP - 1) :], entry]
+        return solved
 
     def __init__(self, x: Tensor, y: Tensor, reduction: str = "mean") -> None:
         if reduction not in ("mean", "sum"):
