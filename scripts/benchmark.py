@@ -626,6 +626,7 @@ def _first_pictures(config: str, kind: str, threads: int, accelerator: str) -> N
 
 
 _ONCE: dict[tuple[str, str, str], dict[str, float]] = {}
+ONCE_PROCESSES = 3
 
 
 def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[str, dict[str, float]]:
@@ -635,9 +636,10 @@ def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[st
     ``FIGURE_IMPORTS`` (``import_after_trainer``: nothing for what the trainer's imports already did); then,
     after a first fit without pictures, 1-update fits with them: the first takes ``first_use``
     seconds longer than the quickest later one (fonts loaded, caches filled, code run for the first time).
-    ``total``, their sum, is charged to every fit with pictures. ``import_alone`` is the same import in a
-    bare interpreter, for the record. The configs are measured side by side, each in its own process, on
-    ``kind``'s clock; the results are kept for later calls.
+    Each is the median of ``ONCE_PROCESSES`` fresh processes (one alone moved the line's ratio by a
+    percent either way). ``total``, their sum, is charged to every fit with pictures. ``import_alone`` is the
+    same import in a bare interpreter, for the record. The configs are measured side by side, each in its
+    own process, a round at a time, on ``kind``'s clock; the results are kept for later calls.
     """
     import os
     import subprocess
@@ -660,18 +662,22 @@ def once_per_process(configs: list[str], kind: str, accelerator: str) -> dict[st
         alone = python(f"import time; t = time.{clock}(); import {modules}; print(time.{clock}() - t)")
         alone = float(result(alone))
         scripts = str(Path(__file__).resolve().parent)
-        started = {
-            c: python(
-                f"import sys; sys.path.insert(0, {scripts!r}); import benchmark; "
-                f"benchmark._first_pictures({c!r}, {kind!r}, {torch.get_num_threads()}, {accelerator!r})"
-            )
-            for c in missing
-        }
-        for c, process in started.items():
-            got = json.loads(result(process))
-            first_use = max(0.0, got["first"] - got["later"])
-            total = got["import_after_trainer"] + first_use
-            _ONCE[c, kind, accelerator] = {"import_alone": alone, **got, "first_use": first_use, "total": total}
+        runs: dict[str, list[dict[str, float]]] = {c: [] for c in missing}
+        for _ in range(ONCE_PROCESSES):
+            started = {
+                c: python(
+                    f"import sys; sys.path.insert(0, {scripts!r}); import benchmark; "
+                    f"benchmark._first_pictures({c!r}, {kind!r}, {torch.get_num_threads()}, {accelerator!r})"
+                )
+                for c in missing
+            }
+            for c, process in started.items():
+                got = json.loads(result(process))
+                runs[c].append({**got, "first_use": max(0.0, got["first"] - got["later"])})
+        for c, got in runs.items():
+            median = {key: statistics.median(run[key] for run in got) for key in got[0]}
+            total = median["import_after_trainer"] + median["first_use"]
+            _ONCE[c, kind, accelerator] = {"import_alone": alone, **median, "total": total, "processes": len(got)}
     return {c: _ONCE[c, kind, accelerator] for c in configs}
 
 

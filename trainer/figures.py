@@ -406,8 +406,9 @@ def _ticks(lo: float, hi: float) -> tuple[np.ndarray, list[str]]:
         if len(values) >= 2:
             break
     values = np.where(np.abs(values) < tolerance, 0.0, values)  # no "−0"
-    decimals = next((d for d in range(8) if np.allclose(np.round(values, d), values, rtol=0, atol=tolerance)), 8)
-    return values, [f"{v:.{decimals}f}".replace("-", "−") for v in values]
+    plain = values.tolist()  # a handful of numbers: Python's round beats numpy's per-call overhead
+    decimals = next((d for d in range(8) if all(abs(round(v, d) - v) <= tolerance for v in plain)), 8)
+    return values, [f"{v:.{decimals}f}".replace("-", "−") for v in plain]
 
 
 def png(rgb: np.ndarray) -> bytes:
