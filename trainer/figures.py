@@ -98,7 +98,8 @@ class Canvas:
     once at the final resolution; the data inside the frame, drawn at ``SUPERSAMPLE`` times the resolution
     and reduced (a box filter: every edge antialiased); and over the data the frame's outline, the key and
     the title, set at each render.
-    ``render`` starts each frame from the still data, draws the moving parts (``Moving``) over it, reduces it,
+    ``render`` starts each frame from the still parts of the data (``still``: drawn straight into the first
+    frame, kept as an image from the second), draws the moving parts (``Moving``) over them, reduces it,
     and sets it into the picture with the title. So a frame is the same whether or not others came before.
 
     Data coordinates run from ``xlim`` and ``ylim`` at the frame's edges; ``label`` also places text in
