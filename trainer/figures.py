@@ -73,8 +73,9 @@ def _rgb(color: Any) -> RGB:
     return tuple(round(255 * c) for c in color)
 
 
-class Moving:
-    """A part of a figure that every render draws anew: ``draw(pen, x, y)`` with its current data."""
+class Part:
+    """A part of a figure's data, drawn by ``draw(pen, x, y)`` with its current (x, y): a still part is drawn
+    into a frame's start, a moving one into every frame, with the data each frame gives it."""
 
     def __init__(self, draw: Callable[..., None], x: Any = (), y: Any = ()) -> None:
         self._draw = draw
@@ -99,7 +100,7 @@ class Canvas:
     and reduced (a box filter: every edge antialiased); and over the data the frame's outline, the key and
     the title, set at each render.
     ``render`` starts each frame from the still parts of the data (``still``: drawn straight into the first
-    frame, kept as an image from the second), draws the moving parts (``Moving``) over them, reduces it,
+    frame, kept as an image from the second), draws the moving parts over them, reduces it,
     and sets it into the picture with the title. So a frame is the same whether or not others came before.
 
     Data coordinates run from ``xlim`` and ``ylim`` at the frame's edges; ``label`` also places text in
@@ -121,17 +122,16 @@ class Canvas:
         self.data_size = ((self.right - self.left) * SUPERSAMPLE, (self.bottom - self.top) * SUPERSAMPLE)
         self.picture = Image.new("RGB", (self.width, self.height), "white")  # the frame's surroundings
         self._pen = ImageDraw.Draw(self.picture)
-        self.still: list[Moving] = []  # drawn into every frame's data, under what moves
+        self.still: list[Part] = []  # drawn into every frame's data, under what moves
         self.data = None  # the still parts drawn once, from a figure's second frame on (``render``)
-        self.moving: list[Moving] = []
+        self.moving: list[Part] = []
+        self._frames = 0  # rendered so far
         self.over: list[tuple] = []  # the text set over the data (the key): (where, text, fill, font, anchor)
         self._axis_labels(xlabel, ylabel)
         self._above = self.picture.crop((0, 0, self.width, self.top))  # what each frame's title is set on
 
-    _frames = 0  # rendered so far
-
     @staticmethod
-    def _paint(parts: list[Moving], pen: Any) -> None:
+    def _paint(parts: list[Part], pen: Any) -> None:
         for part in parts:
             part.paint(pen)
 
@@ -158,7 +158,7 @@ class Canvas:
 
     # ------------------------------------------------------------------ what is drawn
 
-    def line(self, x, y, color: Any = "black", lw: float = 1.0, ls: str = "-", moving: bool = False) -> Moving | None:
+    def line(self, x, y, color: Any = "black", lw: float = 1.0, ls: str = "-", moving: bool = False) -> Part | None:
         """A polyline through (x, y) in data coordinates, ``lw`` points wide; ``ls``: ``-``, ``--`` or ``:``."""
         fill, width = _rgb(color), max(1, round(self.points(lw)))
         dash = {"-": None, "--": (3.7, 1.6), ":": (1.0, 1.65)}[ls]  # matplotlib's, in line widths
@@ -176,7 +176,7 @@ class Canvas:
 
     def markers(
         self, x, y, color: Any, size: float, edge: float = 0.0, hollow: bool = False, star: bool = False, moving=False
-    ) -> Moving | None:
+    ) -> Part | None:
         """A marker at each (x, y): a disc ``size`` points across (a ring with ``hollow``, a five-pointed
         star with ``star``), with an outline ``edge`` points wide."""
         fill = _rgb(color)
@@ -213,9 +213,9 @@ class Canvas:
         edges = np.flatnonzero(np.diff(np.concatenate([[0], finite.astype(np.int8), [0]])))  # run starts, ends
         return [xy[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a > 1]
 
-    def _place(self, draw: Callable[..., None], x, y, moving: bool) -> Moving | None:
-        """Keep as a still part of the data, or as a ``Moving`` part, whose data each frame may change."""
-        part = Moving(draw, x, y)
+    def _place(self, draw: Callable[..., None], x, y, moving: bool) -> Part | None:
+        """Keep as a still part of the data, or as a moving one, whose data each frame may change."""
+        part = Part(draw, x, y)
         (self.moving if moving else self.still).append(part)
         return part if moving else None
 
@@ -669,7 +669,7 @@ class Figures(L.Callback):
         self.budget.start()
         self._built: dict[str, Any] = {}
         if self._surface:  # (slope, intercept) after every call, in float32: 8 bytes a call, no object
-            self._path = array("f", (lin.weight.item(), lin.bias.item()))  # m₀ c₀ m₁ c₁ …, the start first
+            self._recorded = array("f", (lin.weight.item(), lin.bias.item()))  # m₀ c₀ m₁ c₁ …, the start first
             # read by each training_step call with its costs (views: SGD works in place)
             pl_module.read_each_call(lin.weight, lin.bias)
         self._drawn: dict[str, int] = {}  # figure → the step it was last drawn at
@@ -689,14 +689,14 @@ class Figures(L.Callback):
     def path(self, most: int | None = None) -> np.ndarray:
         """The (slope, intercept) after every ``training_step`` call so far, the start first (T, 2), float64;
         with ``most``, thinned to about that many (``_thin``)."""
-        recorded = np.frombuffer(self._path, dtype=np.float32).reshape(-1, 2)  # a view: not kept
+        recorded = np.frombuffer(self._recorded, dtype=np.float32).reshape(-1, 2)  # a view: not kept
         return (recorded if most is None else _thin(recorded, most)).astype(np.float64)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._writer is None:
             return
         if self._surface and outputs is not None:  # None: a call that made no update
-            self._path.extend(outputs["read"])
+            self._recorded.extend(outputs["read"])
         if self._periodic and self.budget.affordable():  # only then read the step (a chain of properties)
             self._maybe_draw(trainer, pl_module)
 
@@ -772,10 +772,9 @@ class Figures(L.Callback):
             title = f"step {step}   train cost {pl_module.full_cost(dm.x_train, dm.y_train):.4g}"
         return figure.draw(curve, title)
 
-    def _quadratic(self, dm, pl_module) -> LeastSquares:
-        if "quadratic" not in self._built:
-            self._built["quadratic"] = LeastSquares.of(dm.x_train, dm.y_train, pl_module.hparams.reduction)
-        return self._built["quadratic"]
+    @staticmethod
+    def _quadratic(dm, pl_module) -> LeastSquares:
+        return LeastSquares.of(dm.x_train, dm.y_train, pl_module.hparams.reduction)  # the monitor's solve
 
     def _draw_surface(self, dm, pl_module, step: int) -> np.ndarray:
         path = self.path(MAX_PATH)  # (T, 2), thinned
