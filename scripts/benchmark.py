@@ -570,7 +570,8 @@ PICTURE_RUNS: dict[str, tuple[str, int]] = {
 PICTURES_OFF = ["--figures.every_n_steps", "0", "--figures.at_end", "false", "--histograms.every_n_steps", "0"]
 # The same length every time (the stop's test off, max_steps set), and no terminal output.
 QUIET_FIT = ["--convergence.tol", "0", "--progress_bar.refresh_rate", "0", "--summary.verbose", "false"]
-FIGURE_IMPORTS = ("PIL.ImageDraw", "PIL.ImageFont", "matplotlib")  # what the figures import (matplotlib: its font)
+# what the figures import (matplotlib: its font; isal: the PNGs' deflate, which fsspec imports where installed)
+FIGURE_IMPORTS = ("PIL.ImageDraw", "PIL.ImageFont", "matplotlib", "isal.isal_zlib")
 
 
 def fit_args(config: str, updates: int, save_dir: Path | str, *overrides: str) -> list[str]:

@@ -121,9 +121,19 @@ def test_decision_regions_draw_the_classes():
     assert not np.array_equal(zeros, halves)  # the right half changed class
 
 
+@pytest.mark.parametrize("deflater", ["isal", "zlib"])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_png_holds_the_pixels(channels):
-    """Decoded by PIL, the PNG gives back every pixel (an RGBA array loses only its alpha)."""
+def test_png_holds_the_pixels(channels, deflater, monkeypatch):
+    """Decoded by PIL, the PNG gives back every pixel (an RGBA array loses only its alpha), whether ISA-L
+    or zlib deflates it."""
+    import zlib
+
+    from isal import isal_zlib
+
+    from trainer import figures
+
+    assert figures._deflater() is isal_zlib  # a dependency: installed, so used
+    monkeypatch.setattr(figures, "_deflater", lambda: isal_zlib if deflater == "isal" else zlib)
     gen = np.random.default_rng(0)
     picture = gen.integers(0, 256, size=(37, 53, channels), dtype=np.uint8)
     picture[:10] = 255  # flat rows, as most of a figure
