@@ -728,7 +728,7 @@ def _figures(name: str, repeats: tuple[int, int]) -> Callable[[Settings], Result
     return run
 
 
-comparison("figures.line", 1.05)(_figures("line", (2, 6)))  # a short fit: more quads against the noise
+comparison("figures.line", 1.05)(_figures("line", (6, 6)))  # a short fit: more quads against the noise
 comparison("figures.mlp_classification", 1.05)(_figures("mlp_classification", (1, 4)))
 
 
