@@ -19,6 +19,15 @@ Reported per config (medians over the repeats):
   included, timed as a subprocess): what the user waits for;
 - ``ab_overhead``: all ÷ scalars − 1 of the ``trainer.fit`` seconds (noisy on a shared machine);
 - ``scalars_overhead``: scalars ÷ bare − 1, the cost of the monitor and the live gradient check.
+
+python scripts/benchmark_figures.py --fresh N [--configs line,mlp_classification]
+
+measures instead what ``figures.<config>`` estimates, without its accounting: N pairs of fresh processes,
+alternately with the pictures at their defaults and without them. Each process imports the trainer, makes
+two 1-update fits without pictures (Lightning's own first-fit costs, alike for both), then the config's
+fit, whose process CPU seconds it reports. With the pictures, that fit also pays their imports and first
+use, as a user's run does. Reported: the median fit of each side, the mean difference with its standard
+error, and the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -100,10 +109,85 @@ def measure(quick: bool = False) -> dict:
     return out
 
 
+def _fresh_child(config: str, steps: int, pictures: bool) -> None:
+    """Run in a fresh interpreter by ``fresh``: prints one fit's ``timed_fit`` result (CPU seconds) as JSON."""
+    import gc
+
+    import torch
+    from benchmark import _quiet
+
+    import trainer.cli  # noqa: F401  (what every `trainer fit` imports before it trains)
+
+    torch.set_num_threads(1)
+    _quiet()
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):  # Lightning's own first-fit costs, paid by both sides alike
+            timed_fit(fit_args(config, 1, tmp, *PICTURES_OFF), time.process_time)
+        gc.collect()
+        overrides = [] if pictures else PICTURES_OFF
+        print(json.dumps(timed_fit(fit_args(config, steps, tmp, *overrides), time.process_time)))
+
+
+def fresh(config: str, steps: int, pairs: int) -> dict:
+    """``pairs`` pairs of fresh processes, alternately with and without the pictures (``_fresh_child``).
+
+    Returns ``config``, ``steps``, ``pairs``, the fits' seconds of each side (``with``, ``without``), their
+    ``figure_sets`` (every fit with pictures draws its end set, none without), ``difference`` (the mean of
+    the pairs' differences, seconds), its standard error ``difference_se`` (0 for one pair) and ``ratio``
+    (the median with ÷ the median without).
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    scripts = str(Path(__file__).resolve().parent)
+    sides: dict[str, list[dict]] = {"with": [], "without": []}
+    for i in range(pairs):
+        for side in ("with", "without") if i % 2 == 0 else ("without", "with"):
+            code = (
+                f"import sys; sys.path.insert(0, {scripts!r}); import benchmark_figures; "
+                f"benchmark_figures._fresh_child({config!r}, {steps}, {side == 'with'})"
+            )
+            done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                failed = f"a fresh process timing {config} failed (exit {done.returncode})"
+                raise RuntimeError(f"{failed}: {done.stderr[-500:]}")
+            sides[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    seconds = {side: [r["seconds"] for r in results] for side, results in sides.items()}
+    differences = [a - b for a, b in zip(seconds["with"], seconds["without"], strict=True)]
+    spread = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else 0.0
+    return {
+        "config": config,
+        "steps": steps,
+        "pairs": pairs,
+        **seconds,
+        "figure_sets": {side: [r["figure_sets"] for r in results] for side, results in sides.items()},
+        "difference": statistics.mean(differences),
+        "difference_se": spread,
+        "ratio": statistics.median(seconds["with"]) / statistics.median(seconds["without"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat instead of three")
+    parser.add_argument("--fresh", type=int, metavar="N", help="N pairs of fresh processes instead (see above)")
+    names = ", ".join(PICTURE_RUNS)
+    parser.add_argument("--configs", default="line", help=f"with --fresh: comma-separated, of {names}")
     args = parser.parse_args(argv)
+    if args.fresh is not None:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in PICTURE_RUNS]
+        if args.fresh < 1 or unknown or not names:
+            print(f"error: --fresh takes N ≥ 1 and --configs names from {', '.join(PICTURE_RUNS)}")
+            return 2
+        for name in names:
+            r = fresh(*PICTURE_RUNS[name], args.fresh)
+            print(
+                f"{name}: {r['pairs']} pairs of fresh processes; the fit took "
+                f"{1e3 * statistics.median(r['with']):.1f} ms with its pictures, "
+                f"{1e3 * statistics.median(r['without']):.1f} ms without (medians); "
+                f"difference {1e3 * r['difference']:.1f} ± {1e3 * r['difference_se']:.1f} ms; ratio {r['ratio']:.3f}"
+            )
+            print(json.dumps(r, indent=2))
+        return 0
     result = measure(args.quick)
     for name, r in result.items():
         if not isinstance(r, dict):

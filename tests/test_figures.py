@@ -221,6 +221,20 @@ def test_the_benchmark_compares_fits_with_and_without_pictures(tmp_path):
         assert row["seconds"] == row["fit_seconds"] + (once["total"] if row["side"] == "ours" else 0.0)
 
 
+def test_fresh_processes_time_the_fit_with_and_without_pictures():
+    """benchmark_figures.fresh: one pair of fresh processes, the pictures drawn on one side only, and the
+    difference and ratio computed from the fits the processes report."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark_figures
+
+    r = benchmark_figures.fresh("configs/line.yaml", 5, pairs=1)
+    assert r["figure_sets"] == {"with": [1], "without": [0]}  # the end set, and nothing without pictures
+    (with_, without) = r["with"][0], r["without"][0]
+    assert with_ > 0 and without > 0
+    assert r["difference"] == with_ - without and r["difference_se"] == 0.0
+    assert r["ratio"] == with_ / without
+
+
 def test_invalid_figure_settings():
     with pytest.raises(ValueError, match="figures.every_n_steps"):
         Figures(every_n_steps=-1)

@@ -13,11 +13,12 @@ training started in every frame (the starting curve dotted, the starting point c
 frame waits for the budget; the decision regions also get a frame at the start.
 
 Each figure is drawn by PIL (``Canvas``): the data at twice the resolution, then halved, which smooths
-every line and marker's edge; the axes, ticks and text once, at the final resolution, in matplotlib's
-default font. Later frames redraw only what moves. A figure costs a few milliseconds, where matplotlib's
-figure machinery (an Axes, its artists and a full draw) took about twice that, and a process pays no
-first-use cost for it: on a short run, such as the seed's line, the end's figures were about a tenth of
-the training time.
+every line and marker's edge; the axes, ticks and text at the final resolution, in matplotlib's default
+font. Later frames redraw only what moves; a figure drawn once keeps no image, the figures of a set being
+drawn one after another in the same scratch images. The PNG is deflated by ISA-L (``png``). A figure costs
+a few milliseconds, where matplotlib's figure machinery (an Axes, its artists and a full draw) took about
+twice that, and a process pays no first-use cost for it: on a short run, such as the seed's line, the
+end's figures were about a tenth of the training time.
 """
 
 from __future__ import annotations
