@@ -98,6 +98,23 @@ def test_a_blitted_frame_is_the_frame_drawn_from_scratch():
     assert not np.array_equal(blitted, reused.draw(np.zeros((200, 1)), "step 0"))
 
 
+def test_figures_drawn_one_after_another_share_memory_but_not_pixels():
+    """First frames are drawn in scratch images shared by figures of a size: a frame is the same whether
+    another figure was drawn before it, and a frame handed out is not changed by the next one."""
+    dm = LineData()
+    quad = LeastSquares(dm.x_train, dm.y_train, "mean")
+    path = np.stack([np.linspace(1.0, 1.9, 50), np.linspace(0.0, -1.0, 50)], 1)
+    fit, xs = _fit_figure()
+    line = fit.draw(2 * xs[:, None] - 1, "step 9")
+    kept = line.copy()
+    after_the_fit = CostSurfaceFigure(quad, (1.0, 0.0), dpi=80).draw(path, "step 49")
+    np.testing.assert_array_equal(line, kept)  # the fit's frame, untouched by the surface drawn after it
+    assert (line[0, 0] == 255).all() and (after_the_fit[0, 0] == 255).all()  # each on a white picture
+    again = CostSurfaceFigure(quad, (1.0, 0.0), dpi=80).draw(path, "step 49")  # after one like it
+    np.testing.assert_array_equal(after_the_fit, again)
+    np.testing.assert_array_equal(_fit_figure()[0].draw(2 * xs[:, None] - 1, "step 9"), kept)
+
+
 def test_cost_surface_is_the_squared_error():
     dm = LineData()
     quad = LeastSquares(dm.x_train, dm.y_train, "mean")

@@ -124,6 +124,7 @@ class Canvas:
         self.data_size = ((self.right - self.left) * SUPERSAMPLE, (self.bottom - self.top) * SUPERSAMPLE)
         self.around: list[Callable[[Any, Any], None]] = []  # draw calls (picture, pen) outside the frame
         self.picture = None  # the picture around the data, from a figure's second frame on (``render``)
+        self._above = None  # that picture above the frame, where each frame's title is set
         self.still: list[Part] = []  # drawn into every frame's data, under what moves
         self.data = None  # the still parts drawn once, from a figure's second frame on (``render``)
         self.moving: list[Part] = []
