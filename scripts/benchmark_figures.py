@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmark import PICTURE_RUNS, PICTURES_OFF, fit_args, timed_fit  # noqa: E402  (scripts/ is on sys.path)
+from benchmark import PICTURE_RUNS, PICTURES_OFF, _quiet, fit_args, timed_fit  # noqa: E402  (scripts/ is on sys.path)
 
 OFF_SCALARS = ["--monitor.every_n_steps", "0", "--gradcheck.every_n_steps", "0"]
 VARIANTS = {"bare": PICTURES_OFF + OFF_SCALARS, "scalars": PICTURES_OFF, "all": []}
@@ -114,7 +114,6 @@ def _fresh_child(config: str, steps: int, pictures: bool) -> None:
     import gc
 
     import torch
-    from benchmark import _quiet
 
     import trainer.cli  # noqa: F401  (what every `trainer fit` imports before it trains)
 

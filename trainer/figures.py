@@ -237,7 +237,7 @@ class Canvas:
 
         ``place``: ``frame`` (fractions of the frame), ``data``, ``xdata`` (x in data, y in the frame) or
         ``ydata``. Text inside the frame (the key) is set over the data at every render, after what moves;
-        any other into the frame's surroundings, once.
+        any other joins the picture around the frame (``around``).
         ``anchor``: PIL's text anchor, e.g. ``mt`` (the middle of the top edge), ``rm``, ``ls``; ``size`` in
         points; ``vertical``: turned a quarter left, then placed by its right edge and middle.
         """
