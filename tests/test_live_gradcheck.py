@@ -30,6 +30,14 @@ def test_stays_within_float32_tolerance_on_the_mlp(tmp_path):
     errors = scalars(events(run), "gradcheck/max_rel_error")
     assert sorted(errors) == list(range(0, 60, 3))
     assert max(errors.values()) <= 1e-5
+    # the end summary keeps the worst of them (and not a record per check, which grows with the run)
+    worst_step = max(errors, key=errors.get)
+    assert errors[worst_step] > 0  # otherwise "the worst" would be any step's
+    assert summary(run)["gradcheck"] == {
+        "checks": 20,
+        "max_rel_error": pytest.approx(errors[worst_step], rel=1e-6),  # the events hold float32
+        "at_step": worst_step,
+    }
 
 
 def test_a_broken_activation_stops_training_naming_the_parameters_below_it(tmp_path, monkeypatch, capsys):

@@ -192,6 +192,10 @@ def run_summary(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, A
     scalars = pl_module.named_scalars()
     if scalars is not None:
         summary["parameters"] = scalars
+    for callback in trainer.callbacks:  # what callbacks add of their own (the live gradient check's worst)
+        items = getattr(callback, "summary_items", None)
+        if callable(items):
+            summary.update(items())
     if pl_module.is_linear and dm is not None and hasattr(dm, "x_train"):
         solved = LeastSquares.of(dm.x_train, dm.y_train, hp.reduction)  # the monitor's solve, if still valid
         weight, bias, optimum_cost = solved.weight, solved.bias, solved.cost
@@ -281,6 +285,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {name:<{width}} {value:.6g}{against}")
     if "optimum" in summary:
         lines.append(f"optimum cost  {optimum['cost']:.6g}  (gap {summary['gap']['cost']:.3g})")
+    check = summary.get("gradcheck")
+    if check:
+        checks = f"{check['checks']} check" + ("" if check["checks"] == 1 else "s")
+        lines.append(f"gradcheck     max rel error {check['max_rel_error']:.3g} at step {check['at_step']}  ({checks})")
     if "path" in summary:
         lines.append(f"summary       {summary['path']}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -180,7 +181,20 @@ class GradientCheck(L.Callback):
             )
         self.every_n_steps, self.seed = every_n_steps, seed
         self._batch: tuple[Tensor, Tensor] | None = None
-        self.history: list[tuple[int, float]] = []  # (step, worst relative error) of every check
+        # What the fit's checks found, in constant memory (a record per check would grow with the run):
+        # how many ran, and the largest max_rel_error logged with the step it was logged at.
+        self.checks = 0
+        self.worst: tuple[int, float] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.checks, self.worst = 0, None
+
+    def summary_items(self) -> dict[str, Any]:
+        """For the run's summary (``run_summary``): the checks this fit made and the worst error found."""
+        if self.worst is None:
+            return {}
+        step, error = self.worst
+        return {"gradcheck": {"checks": self.checks, "max_rel_error": error, "at_step": step}}
 
     def _due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
@@ -225,9 +239,12 @@ class GradientCheck(L.Callback):
             reduce_max=(lambda t: strategy.reduce(t, reduce_op="max")) if distributed else None,
         )
         worst = max(rows, key=lambda r: r.worst / r.tol)
-        self.history.append((step, worst.worst))
+        error = max(r.worst for r in rows)
+        self.checks += 1
+        if self.worst is None or error > self.worst[1]:
+            self.worst = (step, error)
         if trainer.is_global_zero:
-            log_scalars(trainer, {"gradcheck/max_rel_error": max(r.worst for r in rows)}, step)
+            log_scalars(trainer, {"gradcheck/max_rel_error": error}, step)
         if not worst.ok:
             raise GradientCheckError(failure_message(rows, step))
 
