@@ -8,6 +8,8 @@ Set ``HYPOTHESIS_PROFILE=thorough`` for many more examples per property.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -22,6 +24,17 @@ DEVICES: list[str] = ["cpu", "cuda"] if CUDA else ["cpu"]
 settings.register_profile("handgrad", deadline=None, max_examples=25, print_blob=True)
 settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "handgrad"))
+
+# The figures' glyph cache (trainer.lettering) of this test session, and of every command it starts: the
+# tests neither read a user's cache nor leave files in it.
+_GLYPH_CACHE = None if os.environ.get("HANDGRAD_CACHE_DIR") else tempfile.mkdtemp(prefix="handgrad-glyphs-")
+if _GLYPH_CACHE:
+    os.environ["HANDGRAD_CACHE_DIR"] = _GLYPH_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _GLYPH_CACHE:
+        shutil.rmtree(_GLYPH_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,11 +14,12 @@ frame waits for the budget; the decision regions also get a frame at the start.
 
 Each figure is drawn by PIL (``Canvas``): the data at twice the resolution, then halved, which smooths
 every line and marker's edge; the axes, ticks and text at the final resolution, in matplotlib's default
-font. Later frames redraw only what moves; a figure drawn once keeps no image, the figures of a set being
-drawn one after another in the same scratch images. The PNG is deflated by ISA-L (``png``). A figure costs
-a few milliseconds, where matplotlib's figure machinery (an Axes, its artists and a full draw) took about
-twice that, and a process pays no first-use cost for it: on a short run, such as the seed's line, the
-end's figures were about a tenth of the training time.
+font, set from glyphs FreeType rendered once and a file keeps (``trainer.lettering``), so that a run loads
+neither FreeType nor PIL's text modules. Later frames redraw only what moves; a figure drawn once keeps no
+image, the figures of a set being drawn one after another in the same scratch images. The PNG is deflated
+by ISA-L (``png``). A figure costs a few milliseconds, where matplotlib's figure machinery (an Axes, its
+artists and a full draw) took about twice that, and a process pays no first-use cost for it: on a short
+run, such as the seed's line, the end's figures were about a tenth of the training time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainer import lettering
 from trainer.budget import TimeBudget
 from trainer.module import ConfigError
 from trainer.monitor import tensorboard_writer
@@ -194,7 +196,7 @@ class Canvas:
             near = np.all(np.isfinite(xy), 1) & np.all((xy > -margin) & (xy < np.array(self.data_size) + margin), 1)
             for px, py in xy[near].tolist():  # only the markers that can show
                 if star:
-                    pen.polygon((shape + (px, py)).ravel().tolist(), fill=fill, outline=fill)
+                    pen.polygon((shape + (px, py)).ravel().tolist(), fill=fill)
                 elif hollow:
                     pen.ellipse((px - radius, py - radius, px + radius, py + radius), outline=fill, width=outline)
                 else:
@@ -275,7 +277,7 @@ class Canvas:
                 pen.line(mark, fill=(0, 0, 0), width=1)
 
         self.around.append(tick_marks)
-        width = max(_font(10 * self.dpi / 72).getlength(text) for text in y_labels) * 72 / self.dpi  # points
+        width = max(_font(10 * self.dpi / 72).length(text) for text in y_labels) * 72 / self.dpi  # points
         self.label(0.5, 0, xlabel, (0, -PAD - 16), anchor="ma")
         self.label(0, 0.5, ylabel, (-PAD - 6 - width, 0), vertical=True)
 
@@ -310,35 +312,35 @@ class Canvas:
         picture too in a shared scratch image); from the second on, they are drawn once into images of
         the figure's own (``data``, ``picture``), which each frame starts from.
         """
-        from PIL import Image, ImageDraw
+        from PIL import Image
 
         layer = _scratch(self.data_size, "data")
         first = not self._frames
         if data is None and self.data is None and not first:  # a second frame: more may follow
             self.data = Image.new("RGB", self.data_size, "white")
-            self._paint(self.still, ImageDraw.Draw(self.data))
+            self._paint(self.still, _Pen(self.data))
         start = self.data if data is None else data
         if start is None:  # the first frame: the still parts drawn straight into it
             layer.paste((255, 255, 255), (0, 0, *self.data_size))
-            pen = ImageDraw.Draw(layer)
+            pen = _Pen(layer)
             self._paint(self.still, pen)
         else:
             layer.paste(start, (0, 0))
-            pen = ImageDraw.Draw(layer)
+            pen = _Pen(layer)
         self._paint(self.moving, pen)
         self._frames += 1
         if first:  # the picture around the data, drawn straight into the shared one
             picture = _scratch((self.width, self.height), "picture")
             picture.paste((255, 255, 255), (0, 0, self.width, self.height))
-            pen = ImageDraw.Draw(picture)
+            pen = _Pen(picture)
             self._draw_around(picture, pen)
         else:
             if self.picture is None:  # a second frame: kept from here on
                 self.picture = Image.new("RGB", (self.width, self.height), "white")
-                self._draw_around(self.picture, ImageDraw.Draw(self.picture))
+                self._draw_around(self.picture, _Pen(self.picture))
                 self._above = self.picture.crop((0, 0, self.width, self.top))  # what each title is set on
             picture = self.picture
-            pen = ImageDraw.Draw(picture)
+            pen = _Pen(picture)
             picture.paste(self._above, (0, 0))  # the last frame's title gone
         picture.paste(layer.reduce(SUPERSAMPLE), (self.left, self.top))
         pen.rectangle((self.left, self.top, self.right, self.bottom), outline=(0, 0, 0), width=1)  # over the data
@@ -387,33 +389,69 @@ def _font_file() -> str | None:
     return str(path) if path.is_file() else None
 
 
-@functools.cache
-def _font(pixels: float) -> Any:
-    """DejaVu Sans (PIL's own font where it is missing) as a PIL font of ``pixels`` per em.
-
-    Laid out by FreeType alone (``Layout.BASIC``), not by HarfBuzz through raqm: the labels are short runs
-    of Latin, Greek and mathematical signs, which need no shaping, and each takes 0.7 of the time.
-    """
-    from PIL import ImageFont
-
-    file = _font_file()
-    return (
-        ImageFont.truetype(file, pixels, layout_engine=ImageFont.Layout.BASIC)
-        if file
-        else ImageFont.load_default(pixels)
-    )
+def _font(pixels: float) -> lettering.Face:
+    """DejaVu Sans (PIL's own font where it is missing) at ``pixels`` per em, its glyphs from the glyph
+    cache (``trainer.lettering``)."""
+    return lettering.face(_font_file(), pixels)
 
 
-def _vertical(picture: Any, at: tuple[float, float], text: str, font: Any, fill: tuple[int, ...]) -> None:
-    """``text`` turned a quarter left onto ``picture``, its right edge and middle at ``at`` (pixels)."""
-    from PIL import Image, ImageDraw
+TEXT_POINTS = (9.0, 10.0, 12.0)  # the sizes of the figures' text: the key, the ticks and axis labels, the title
 
-    left, top, right, bottom = font.getbbox(text, anchor="ls")
-    ink = Image.new("L", (math.ceil(right - left), math.ceil(bottom - top)))
-    ImageDraw.Draw(ink).text((-left, -top), text, fill=255, font=font, anchor="ls")
-    ink = ink.transpose(Image.Transpose.ROTATE_90)
-    corner = (round(at[0] - ink.width), round(at[1] - ink.height / 2))
-    picture.paste(Image.new(picture.mode, ink.size, fill), corner, mask=ink)
+
+def prepare_glyphs(dpi: int = DPI) -> None:
+    """Put the glyphs of the figures' text sizes in the glyph cache, as a machine's first run does."""
+    for points in TEXT_POINTS:
+        _font(points * dpi / 72)
+
+
+class _Pen:
+    """What a figure draws with on one RGB image: PIL's drawing core (``Image.core.draw``, what ``ImageDraw``
+    calls), with ``ImageDraw``'s arguments for the calls the figures make, and ``trainer.lettering`` for the
+    text. Importing ``ImageDraw`` would load FreeType (it imports PIL's text modules), which the glyph cache
+    spares a run."""
+
+    def __init__(self, image: Any) -> None:
+        from PIL import Image
+
+        self.core = Image.core.draw(image.im, 0)
+
+    def ink(self, fill: RGB) -> int:
+        return _ink(self.core, fill)
+
+    def line(self, xy: Any, fill: RGB, width: int = 1) -> None:
+        self.core.draw_lines(xy, self.ink(fill), width)
+
+    def polygon(self, xy: Any, fill: RGB) -> None:
+        self.core.draw_polygon(xy, self.ink(fill), 1)
+
+    def ellipse(self, box: Any, fill: RGB | None = None, outline: RGB | None = None, width: int = 1) -> None:
+        if fill is not None:
+            self.core.draw_ellipse(box, self.ink(fill), 1)
+        if outline is not None and outline != fill and width:
+            self.core.draw_ellipse(box, self.ink(outline), 0, width)
+
+    def rectangle(self, box: Any, outline: RGB, width: int = 1) -> None:
+        self.core.draw_rectangle(box, self.ink(outline), 0, width)
+
+    def text(self, at: tuple[float, float], text: str, fill: RGB, font: lettering.Face, anchor: str = "la") -> None:
+        lettering.draw_text(self.core, at, text, font, self.ink(fill), anchor)
+
+
+_INKS: dict[RGB, int] = {}
+
+
+def _ink(core: Any, fill: RGB) -> int:
+    """The drawing core's ink for the colour ``fill`` on an RGB image (the same for every RGB image)."""
+    ink = _INKS.get(fill)
+    if ink is None:
+        ink = _INKS[fill] = core.draw_ink(fill)
+    return ink
+
+
+def _vertical(picture: Any, at: tuple[float, float], text: str, font: lettering.Face, fill: RGB) -> None:
+    """``text`` turned a quarter left onto ``picture``, the right edge and middle of its ink at ``at``."""
+    pen = _Pen(picture)
+    lettering.draw_vertical(pen.core, at, text, font, pen.ink(fill))
 
 
 # The step sizes matplotlib's MaxNLocator tries, in units of the power of ten below the range ÷ intervals
