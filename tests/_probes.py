@@ -39,3 +39,15 @@ class MemoryProbe(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         with open(self.path, "w") as f:
             json.dump(self.points, f)
+
+
+class ModulesProbe(L.Callback):
+    """At the end of fit, after every callback's ``on_train_end`` (the figures' end set), write which of
+    ``modules`` this process has imported, as a JSON list."""
+
+    def __init__(self, path: str, modules: list[str]) -> None:
+        self.path, self.modules = path, modules
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        with open(self.path, "w") as f:
+            json.dump(sorted(m for m in self.modules if m in sys.modules), f)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from _util import ROOT
+from _util import ROOT, run_cli
 from PIL import Image, ImageDraw, ImageFont
+from tb_helpers import events
 
 from trainer import lettering
 from trainer.figures import _font_file
@@ -158,16 +158,23 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert lettering.glyph_cache() == tmp_path / "xdg" / "handgrad"
 
 
-def test_with_the_cache_in_place_a_run_draws_its_figures_without_loading_freetype(tmp_path):
-    """What the cache is for: PIL's text modules and FreeType's library stay unloaded."""
-    code = (
-        "import sys, numpy as np; from trainer.figures import FitFigure; "
-        "x = np.linspace(-1, 1, 20)[:, None]; xs = np.linspace(-1, 1, 50); "
-        "y = 2 * x; FitFigure(x, y, x[:5], y[:5], xs).draw((2 * xs)[:, None], 'step 1   ŷ = 2·x'); "
-        "print(sorted(m for m in sys.modules if m in ('PIL.ImageFont', 'PIL.ImageDraw', 'PIL._imagingft')))"
-    )
-    env = {**os.environ, "HANDGRAD_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
-    assert runs[0].stdout.split("\n")[0] == "['PIL.ImageFont', 'PIL._imagingft']"  # the first builds the cache
-    assert runs[1].stdout.split("\n")[0] == "[]"
+def test_with_the_cache_in_place_a_run_draws_its_figures_without_loading_freetype(tmp_path, monkeypatch):
+    """What the cache is for: a `trainer fit` of the line draws its end figures with PIL's text modules and
+    FreeType's library never loaded, once a first run has filled the cache."""
+    monkeypatch.setenv("HANDGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    freetype = ["PIL.ImageFont", "PIL.ImageDraw", "PIL._imagingft"]
+    loaded = []
+    for run in range(2):
+        out = tmp_path / f"modules{run}.json"
+        probe = json.dumps({"class_path": "_probes.ModulesProbe", "init_args": {"path": str(out), "modules": freetype}})
+        done = run_cli(
+            "fit", "--config", "configs/line.yaml", "--trainer.max_steps", "5", "--progress_bar.refresh_rate", "0",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), f"--trainer.callbacks+={probe}",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        loaded.append(json.loads(out.read_text()))
+    second = tmp_path / "runs" / "line" / "version_1"
+    assert {"figures/fit", "figures/cost_surface"} <= set(events(second).Tags()["images"])  # drawn, and read back
+    assert loaded[0] == ["PIL.ImageFont", "PIL._imagingft"]  # the first run fills the cache
+    assert loaded[1] == []
