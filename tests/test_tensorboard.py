@@ -122,7 +122,7 @@ def test_line_figures_after_the_start_and_at_the_end(line_run):
 
 
 def test_line_hparams_tab(line_run):
-    _, acc, _ = line_run
+    run, acc, _ = line_run
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = start.session_start_info.hparams
@@ -130,8 +130,11 @@ def test_line_hparams_tab(line_run):
     assert hparams["data"].string_value == "LineData"
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     metrics = {m.name.tag for m in experiment.metric_infos}
-    assert {"hp/train_cost", "hp/optimum_gap", "hp/lr_bound", "hp/steps"} <= metrics
+    assert {"hp/train_cost", "hp/optimum_gap", "hp/lr_bound", "hp/steps", "hp/gradcheck_max_rel_error"} <= metrics
     assert set(acc.Tags()["scalars"]) >= metrics
+    # the live gradient check's worst, as the summary has it (the event holds it in float32)
+    (logged,) = [e.value for e in acc.Scalars("hp/gradcheck_max_rel_error")]
+    assert logged == pytest.approx(summary(run)["gradcheck"]["max_rel_error"], rel=1e-6, abs=1e-30)
 
 
 def test_classification_logs_every_tag(classification_run):

@@ -198,6 +198,7 @@ class Monitor(L.Callback):
             "hp/optimum_gap": gap,
             "hp/lr_bound": self.lr_bound,
             "hp/steps": summary["steps"],
+            "hp/gradcheck_max_rel_error": (summary.get("gradcheck") or {}).get("max_rel_error"),
         }
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
         params = hparams(trainer, pl_module)
