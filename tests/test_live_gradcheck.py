@@ -204,3 +204,14 @@ def test_under_ddp_the_reference_is_reduced_as_the_step_was(tmp_path):
     errors = scalars(events(run), "gradcheck/max_rel_error")
     assert sorted(errors) == list(range(14))  # 801 examples in batches of 64: step 12 is the uneven 33
     assert max(errors.values()) <= 1e-5
+
+
+def test_the_end_table_names_the_worst_check_and_its_step_only_when_one_disagreed():
+    from trainer.callbacks import format_summary
+
+    base = {"stop_reason": "max_steps", "steps": 40, "epochs": 4}
+    worst = format_summary({**base, "gradcheck": {"checks": 4, "max_rel_error": 2.5e-7, "at_step": 30}})
+    assert "gradcheck     max rel error 2.5e-07 at step 30  (4 checks)" in worst.splitlines()
+    exact = format_summary({**base, "gradcheck": {"checks": 1, "max_rel_error": 0.0, "at_step": 0}})
+    assert "gradcheck     max rel error 0  (1 check)" in exact.splitlines()
+    assert "gradcheck" not in format_summary(base)  # the check turned off

@@ -288,7 +288,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     check = summary.get("gradcheck")
     if check:
         checks = f"{check['checks']} check" + ("" if check["checks"] == 1 else "s")
-        lines.append(f"gradcheck     max rel error {check['max_rel_error']:.3g} at step {check['at_step']}  ({checks})")
+        at = f" at step {check['at_step']}" if check["max_rel_error"] > 0 else ""  # 0: every check agreed exactly
+        lines.append(f"gradcheck     max rel error {check['max_rel_error']:.3g}{at}  ({checks})")
     if "path" in summary:
         lines.append(f"summary       {summary['path']}")
     return "\n".join(lines)
