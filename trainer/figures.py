@@ -124,7 +124,7 @@ class Canvas:
         self.top, self.bottom = round((1 - FRAME[3]) * self.height), round((1 - FRAME[1]) * self.height)
         self.xlim, self.ylim = xlim, ylim
         self.data_size = ((self.right - self.left) * SUPERSAMPLE, (self.bottom - self.top) * SUPERSAMPLE)
-        self.around: list[Callable[[Any, Any], None]] = []  # draw calls (picture, pen) outside the frame
+        self.around: list[Callable[[_Pen], None]] = []  # draw calls (by a pen) outside the frame
         self.picture = None  # the picture around the data, from a figure's second frame on (``render``)
         self._above = None  # that picture above the frame, where each frame's title is set
         self.still: list[Part] = []  # drawn into every frame's data, under what moves
@@ -252,9 +252,9 @@ class Canvas:
         if 0 < u < 1 and 0 < v < 1 and not vertical:  # inside the frame: over the data, at each render
             self.over.append(((px, py), text, fill, font, anchor))
         elif vertical:
-            self.around.append(lambda picture, pen: _vertical(picture, (px, py), text, font, fill))
+            self.around.append(lambda pen: pen.vertical((px, py), text, fill, font))
         else:
-            self.around.append(lambda picture, pen: pen.text((px, py), text, fill=fill, font=font, anchor=anchor))
+            self.around.append(lambda pen: pen.text((px, py), text, fill=fill, font=font, anchor=anchor))
 
     def _axis_labels(self, xlabel: str, ylabel: str) -> None:
         """Tick marks at round values (as matplotlib's ``MaxNLocator`` picks them), their labels, and the axis
@@ -272,7 +272,7 @@ class Canvas:
             marks.append((self.left - tick, py, self.left, py))  # left of the frame
             self.label(0, value, text, (-PAD - 2, 0), "ydata", anchor="rm")
 
-        def tick_marks(picture: Any, pen: Any) -> None:
+        def tick_marks(pen: _Pen) -> None:
             for mark in marks:
                 pen.line(mark, fill=(0, 0, 0), width=1)
 
@@ -333,11 +333,11 @@ class Canvas:
             picture = _scratch((self.width, self.height), "picture")
             picture.paste((255, 255, 255), (0, 0, self.width, self.height))
             pen = _Pen(picture)
-            self._draw_around(picture, pen)
+            self._draw_around(pen)
         else:
             if self.picture is None:  # a second frame: kept from here on
                 self.picture = Image.new("RGB", (self.width, self.height), "white")
-                self._draw_around(self.picture, _Pen(self.picture))
+                self._draw_around(_Pen(self.picture))
                 self._above = self.picture.crop((0, 0, self.width, self.top))  # what each title is set on
             picture = self.picture
             pen = _Pen(picture)
@@ -350,9 +350,9 @@ class Canvas:
         pen.text((x, y - 6 * self.dpi / 72), title, fill=(0, 0, 0), font=_font(12 * self.dpi / 72), anchor="ms")
         return np.asarray(picture)  # a copy of the pixels (read-only): later frames leave it as it is
 
-    def _draw_around(self, picture: Any, pen: Any) -> None:
+    def _draw_around(self, pen: _Pen) -> None:
         for draw in self.around:
-            draw(picture, pen)
+            draw(pen)
 
 
 @functools.cache
@@ -416,7 +416,11 @@ class _Pen:
         self.core = Image.core.draw(image.im, 0)
 
     def ink(self, fill: RGB) -> int:
-        return _ink(self.core, fill)
+        """The drawing core's ink for the colour ``fill`` (the same for every RGB image: kept in ``_INKS``)."""
+        ink = _INKS.get(fill)
+        if ink is None:
+            ink = _INKS[fill] = self.core.draw_ink(fill)
+        return ink
 
     def line(self, xy: Any, fill: RGB, width: int = 1) -> None:
         self.core.draw_lines(xy, self.ink(fill), width)
@@ -436,22 +440,12 @@ class _Pen:
     def text(self, at: tuple[float, float], text: str, fill: RGB, font: lettering.Face, anchor: str = "la") -> None:
         lettering.draw_text(self.core, at, text, font, self.ink(fill), anchor)
 
+    def vertical(self, at: tuple[float, float], text: str, fill: RGB, font: lettering.Face) -> None:
+        """``text`` turned a quarter left, the right edge and middle of its ink at ``at``."""
+        lettering.draw_vertical(self.core, at, text, font, self.ink(fill))
+
 
 _INKS: dict[RGB, int] = {}
-
-
-def _ink(core: Any, fill: RGB) -> int:
-    """The drawing core's ink for the colour ``fill`` on an RGB image (the same for every RGB image)."""
-    ink = _INKS.get(fill)
-    if ink is None:
-        ink = _INKS[fill] = core.draw_ink(fill)
-    return ink
-
-
-def _vertical(picture: Any, at: tuple[float, float], text: str, font: lettering.Face, fill: RGB) -> None:
-    """``text`` turned a quarter left onto ``picture``, the right edge and middle of its ink at ``at``."""
-    pen = _Pen(picture)
-    lettering.draw_vertical(pen.core, at, text, font, pen.ink(fill))
 
 
 # The step sizes matplotlib's MaxNLocator tries, in units of the power of ten below the range ÷ intervals
