@@ -235,3 +235,23 @@ def test_the_other_configs(tmp_path, config, images, linear):
     assert ("train/optimum_gap" in tags["scalars"]) == linear == ("train/lr_bound" in tags["scalars"])
     assert {"train/cost", "train/lr", "train/grad_norm", "gradcheck/max_rel_error"} <= set(tags["scalars"])
     assert max(scalars(acc, "gradcheck/max_rel_error").values()) <= 1e-5
+
+
+def test_the_end_of_a_fit_measures_its_summary_once(tmp_path, monkeypatch):
+    """The HParams metrics take the summary callback's numbers instead of a second pass over the data."""
+    import trainer.callbacks as callbacks
+    import trainer.monitor as monitor
+
+    calls = []
+    measure = callbacks.run_summary
+
+    def counted(trainer, pl_module):
+        calls.append(trainer.global_step)
+        return measure(trainer, pl_module)
+
+    monkeypatch.setattr(callbacks, "run_summary", counted)
+    monkeypatch.setattr(monitor, "run_summary", counted)
+    run = fit("configs/line.yaml", tmp_path, "--trainer.max_steps", "20")
+    assert calls == [20]
+    (steps,) = [e.value for e in events(run).Scalars("hp/steps")]
+    assert steps == summary(run)["steps"] == 20

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from trainer.budget import TimeBudget
-from trainer.callbacks import run_summary
+from trainer.callbacks import Summary, run_summary
 from trainer.events import scalar_events
 from trainer.module import ConfigError
 from trainer.optimum import LeastSquares
@@ -185,7 +185,10 @@ class Monitor(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        summary = run_summary(trainer, pl_module)
+        # the summary callback's, when it has already measured this fit's end (it comes first among the CLI's
+        # callbacks): the final costs and accuracies are a pass over the whole data set each
+        made = (cb.summary for cb in trainer.callbacks if isinstance(cb, Summary) and cb.summary is not None)
+        summary = next(made, None) or run_summary(trainer, pl_module)
         gap = (summary.get("gap") or {}).get("cost")
         if self.quadratic is not None:  # exact, where the difference of two costs rounds
             lin = pl_module.model.linears[0]
