@@ -363,7 +363,7 @@ def floor_mlp_l(s: Settings) -> Result:
         for a, b in products:
             gemm.mm(a, b)  # on the kernel our layers pick for the product (models/gemm.py)
 
-    repeats = s.scale(11, 25)
+    repeats = s.scale(25, 41)
     result = interleaved("floor.mlp_l", ours, floor, s.clock, repeats, 1, warmup=2)
     result.note = f"{len(products)} matrix products on {gemm_kernels(products)}"
     return result
