@@ -7,18 +7,19 @@
 
 Every ratio is ours ÷ reference, lower is better. Each comparison runs in this one process, after
 warm-ups, in interleaved repeats (A B B A, then B A A B, …); the ratio is the median over the repeats of
-each repeat's own ratio, so a slow patch of a shared machine falls on both sides of it. Both sides start
-from the same weights and see the same data; threads are fixed (``--threads``, default 1: with two cores
-shared with other work, a second thread mostly waits for the busy one). On the CPU the clock is the
-process's CPU time, all its threads together (so TensorBoard's writer thread counts against the loop), which
-leaves out the time spent waiting for a core; ``--clock wall`` reads wall time instead. On a GPU the step
-is timed by a pair of CUDA events, the loops by wall time after a synchronize.
+each repeat's own ratio, so a slow patch of a shared machine falls on both sides of it. The loops alternate
+in slices of one fit: a slice of the bare loop runs between every two slices of the fit (``sliced_loop``).
+Both sides start from the same weights and see the same data; threads are fixed (``--threads``, default
+1: with two cores shared with other work, a second thread mostly waits for the busy one). On the CPU the
+clock is the process's CPU time, all its threads together (so TensorBoard's writer thread counts against
+the loop), which leaves out the time spent waiting for a core; ``--clock wall`` reads wall time instead. On
+a GPU the step is timed by a pair of CUDA events, the loops by wall time after a synchronize.
 
     step.<case>   our update (forward, cost, hand-written backward, SGD) ÷ the same model from torch.nn,
                   trained by autograd and torch.optim.SGD (torch's default settings, the fastest here)
     floor.mlp_l   our update ÷ the matrix products it makes, timed alone with the same shapes and layouts
     loop.<case>   time per update through Trainer.fit (TensorBoard logging on) ÷ a bare loop making the
-                  same updates on the same data
+                  same updates on the same data, the two alternating every few hundred milliseconds
     memory.mlp_l  bytes our layers keep for backward ÷ bytes autograd saves for backward
     figures.<config>  Trainer.fit of configs/<config>.yaml at its real length with the figures and histograms
                   at their defaults, plus what a fresh process pays for them once (importing what draws
@@ -455,107 +456,127 @@ class _Synthetic:
         return CaseData(batch_size=case.batch_size, val_fraction=0.0, seed=0)
 
 
-def fit_seconds_per_update(case: Case, s: Settings, calls: int, warmup_calls: int) -> float:
-    """Time per update inside Trainer.fit, in steady state: from the end of call ``warmup_calls`` to
-    the end of the last call, over the updates made in between."""
+class BareLoop:
+    """The reference of ``loop.<case>``: the same module, optimizer, batches and update, no Trainer, run a
+    slice at a time (``run``), so that its slices can alternate with the fit's."""
+
+    def __init__(self, case: Case, s: Settings, warmup: int) -> None:
+        self.clock = s.clock
+        self.module = case.module(s.device).train()
+        self.optimizer = self.module.configure_optimizers()
+        dm = _Synthetic.datamodule(case)
+        dm.setup("fit")
+        dm.x_train, dm.y_train = dm.x_train.to(s.device), dm.y_train.to(s.device)
+        batches = dm.train_dataloader()
+
+        def stream():
+            while True:
+                yield from batches
+
+        self.feed = stream()
+        self.run(warmup)
+
+    def run(self, updates: int) -> float:
+        """Make ``updates`` updates; the seconds per update."""
+        update, step, feed = self.module.update, self.optimizer.update, self.feed
+        t0 = self.clock.stamp()
+        for _ in range(updates):
+            x, y = next(feed)
+            update(x, y, step)
+        return (self.clock.stamp() - t0) / updates
+
+
+def sliced_loop(case: Case, s: Settings, slices: int, calls: int, warmup_calls: int = 3) -> list[tuple[float, float]]:
+    """(fit, bare) seconds per update, one pair per slice: one Trainer.fit, its calls after the warm-up cut
+    into ``slices`` slices of ``calls`` calls, and a slice of the bare loop making as many updates before
+    the first and after each one (run from the fit's ``on_train_batch_end``, outside the fit's timed slices).
+
+    So the two sides alternate every few hundred milliseconds, A B A B, in one process: a fit slice is set
+    against the mean of the bare slices either side of it, which cancels the drift of a shared machine
+    far better than whole fits run one after the other (the spread of a ``--quick`` reading of loop.mlp_l
+    fell from 0.010 to 0.004). A slice spans whole epochs of the large MLP (8 batches), and the fit's
+    periodic work (each epoch's start and end, the loggers' flush once a second) falls into its slices as
+    it falls in a real run.
+    """
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from trainer.callbacks import Convergence
     from trainer.cli import TRAINER_DEFAULTS
 
-    class StopWatch(L.Callback):
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
+    k = case.steps_per_call
+    bare = BareLoop(case, s, warmup=warmup_calls * k)
+    fit_slices: list[float] = []
+    bare_slices: list[float] = []
+    clock = s.clock
 
+    class Slicer(L.Callback):
+        """Ends a fit slice, runs a bare slice, and starts the next fit slice, every ``calls`` calls."""
+
+        def __init__(self) -> None:
             self.calls = 0
+            self.started: tuple[float, int] | None = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.calls += 1
-            if self.calls in (warmup_calls, total_calls):
-                self.marks.append((s.clock.stamp(), trainer.global_step))
+            done = self.calls - warmup_calls
+            if done < 0 or done % calls:
+                return
+            now = clock.stamp()
+            if self.started is not None:
+                t0, step0 = self.started
+                fit_slices.append((now - t0) / (trainer.global_step - step0))
+            bare_slices.append(bare.run(calls * k))
+            self.started = (clock.stamp(), trainer.global_step)
 
     module = case.module(s.device)
-    dm = _Synthetic.datamodule(case)
-    total_calls = warmup_calls + calls
-    watch = StopWatch()
+    slicer = Slicer()
     # The logger and loop settings of `trainer fit`; no checkpoints and no progress bar (both are
     # per-run choices: a checkpoint every epoch would be one per update with the whole set as the batch).
-    logger_args = {**TRAINER_DEFAULTS["logger"]["init_args"], "save_dir": str(s.workdir), "name": f"loop{id(watch)}"}
+    logger_args = {**TRAINER_DEFAULTS["logger"]["init_args"], "save_dir": str(s.workdir), "name": f"loop{id(slicer)}"}
     trainer = L.Trainer(
         accelerator="cuda" if s.device.type == "cuda" else "cpu",
         devices=1,
-        max_steps=total_calls * case.steps_per_call,
+        max_steps=(warmup_calls + slices * calls) * k,
         max_epochs=-1,
         logger=TensorBoardLogger(**logger_args),
         log_every_n_steps=TRAINER_DEFAULTS["log_every_n_steps"],
         num_sanity_val_steps=TRAINER_DEFAULTS["num_sanity_val_steps"],
-        callbacks=[Convergence(tol=0.0), watch],  # the CLI's convergence callback, its stop turned off
+        callbacks=[Convergence(tol=0.0), slicer],  # the CLI's convergence callback, its stop turned off
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, dm)
-    (t0, s0), (t1, s1) = watch.marks
-    return (t1 - t0) / (s1 - s0)
-
-
-def bare_seconds_per_update(case: Case, s: Settings, updates: int, warmup: int) -> float:
-    """Time per update of a bare loop: the same module, optimizer, batches and update, no Trainer."""
-    module = case.module(s.device).train()
-    optimizer = module.configure_optimizers()
-    dm = _Synthetic.datamodule(case)
-    dm.setup("fit")
-    dm.x_train, dm.y_train = dm.x_train.to(s.device), dm.y_train.to(s.device)
-    batches = dm.train_dataloader()
-
-    def stream():
-        while True:
-            yield from batches
-
-    feed = stream()
-    for _ in range(warmup):
-        x, y = next(feed)
-        module.update(x, y, optimizer.update)
-    t0 = s.clock.stamp()
-    for _ in range(updates):
-        x, y = next(feed)
-        module.update(x, y, optimizer.update)
-    return (s.clock.stamp() - t0) / updates
+    trainer.fit(module, _Synthetic.datamodule(case))
+    if len(fit_slices) != slices or len(bare_slices) != slices + 1:
+        raise RuntimeError(f"the fit stopped after {len(fit_slices)} of its {slices} slices")
+    return [(fit, (bare_slices[j] + bare_slices[j + 1]) / 2) for j, fit in enumerate(fit_slices)]
 
 
 def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Callable[[Settings], Result]:
     def run(s: Settings) -> Result:
         case = CASES[case_name]
-        repeats, calls = quick if s.quick else full
-        warmup_calls = 3
-        updates = calls * case.steps_per_call
-        rows, pairs = [], []
-        for r in range(repeats):
-            got = {}
-            sides = ["fit", "bare"] if r % 2 == 0 else ["bare", "fit"]
-            for side in sides:
-                if side == "fit":
-                    got[side] = fit_seconds_per_update(case, s, calls, warmup_calls)
-                else:
-                    got[side] = bare_seconds_per_update(case, s, updates, warmup_calls * case.steps_per_call)
-                rows.append(
-                    {
-                        "comparison": f"loop.{case_name}",
-                        "side": "ours" if side == "fit" else "reference",
-                        "repeat": r,
-                        "updates": updates,
-                        "seconds": got[side],
-                    }
-                )
-            pairs.append((got["fit"], got["bare"]))
-        return Result.of_pairs(f"loop.{case_name}", pairs, rows, note=f"steps_per_call={case.steps_per_call}")
+        slices, calls = quick if s.quick else full
+        pairs = sliced_loop(case, s, slices, calls)
+        rows = [
+            {
+                "comparison": f"loop.{case_name}",
+                "side": side,
+                "slice": j,
+                "updates": calls * case.steps_per_call,
+                "seconds": seconds,
+            }
+            for j, pair in enumerate(pairs)
+            for side, seconds in zip(("ours", "reference"), pair, strict=True)
+        ]
+        note = f"steps_per_call={case.steps_per_call}; {slices} slices of {calls} calls, bare slices between"
+        return Result.of_pairs(f"loop.{case_name}", pairs, rows, note=note)
 
     return run
 
 
-comparison("loop.line", 2.0)(_loop("line", (5, 16), (7, 40)))
-comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (7, 20), (9, 40)))
+comparison("loop.line", 2.0)(_loop("line", (12, 4), (24, 8)))
+comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (12, 16), (24, 16)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -536,6 +537,38 @@ def test_memory_counts_each_storage_once_and_leaves_out_parameters() -> None:
     assert sum(ours.values()) == needed
     assert sum(ours.values()) <= sum(theirs.values())
     assert all(layer._cache is None for layer in module.model)  # released after counting
+
+
+def test_the_loop_comparison_times_the_fit_and_the_bare_slices_between_it_apart(tmp_path: Path, monkeypatch) -> None:
+    """loop.<case>: a bare slice runs between every two fit slices, inside the fit, and none of its time
+    may count as the fit's. Each bare slice here also burns 60 ms of CPU after timing itself: were it
+    charged to the fit, each fit slice would read 5 ms an update more."""
+    import dataclasses
+
+    benchmark = _benchmark()
+    cpu = torch.device("cpu")
+    settings = benchmark.Settings(cpu, True, benchmark.Clock(cpu), tmp_path)
+    case = dataclasses.replace(benchmark.CASES["line"], steps_per_call=4)
+    slices, calls, burn = 3, 3, 0.06
+    timed = benchmark.BareLoop.run
+    returned: list[float] = []
+
+    def run(self, updates: int) -> float:
+        seconds = timed(self, updates)
+        returned.append(seconds)
+        t0 = time.process_time()
+        while time.process_time() - t0 < burn:
+            pass
+        return seconds
+
+    monkeypatch.setattr(benchmark.BareLoop, "run", run)
+    pairs = benchmark.sliced_loop(case, settings, slices, calls)
+    assert len(pairs) == slices
+    assert len(returned) == 1 + slices + 1  # the warm-up, then one before the first fit slice and one after each
+    bare = returned[1:]
+    for j, (fit, reference) in enumerate(pairs):
+        assert reference == pytest.approx((bare[j] + bare[j + 1]) / 2)  # the slices either side of it
+        assert 0 < fit < burn / (calls * case.steps_per_call) / 4  # 5 ms an update, had the burn counted
 
 
 def test_benchmark_reports_json_and_rejects_unknown_names(tmp_path: Path, capsys) -> None:
