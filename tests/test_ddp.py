@@ -314,8 +314,9 @@ def test_float64_run_matches_torch_sgd(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the command line
 
 
-def test_ddp_config_runs(tmp_path: Path) -> None:
+def test_ddp_config_runs(tmp_path: Path, monkeypatch) -> None:
     """configs/ddp.yaml, in this process: one CPU device, so a DDP world of one."""
+    monkeypatch.setattr(sys, "argv", ["trainer"])  # pytest's own arguments are not the CLI's
     args = ["fit", "--config", str(ROOT / "configs" / "ddp.yaml"), "--trainer.accelerator", "cpu"]
     args += ["--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(tmp_path)]
     environment = dict(os.environ)
