@@ -494,7 +494,7 @@ def sliced_loop(case: Case, s: Settings, slices: int, calls: int, warmup_calls: 
     So the two sides alternate every few hundred milliseconds, A B A B, in one process: a fit slice is set
     against the mean of the bare slices either side of it, which cancels the drift of a shared machine
     far better than whole fits run one after the other (the spread of a ``--quick`` reading of loop.mlp_l
-    fell from 0.010 to 0.004). A slice spans whole epochs of the large MLP (8 batches), and the fit's
+    fell from 0.010 to 0.003). A slice spans whole epochs of the large MLP (8 batches), and the fit's
     periodic work (each epoch's start and end, the loggers' flush once a second) falls into its slices as
     it falls in a real run.
     """
@@ -576,7 +576,7 @@ def _loop(case_name: str, quick: tuple[int, int], full: tuple[int, int]) -> Call
 
 
 comparison("loop.line", 2.0)(_loop("line", (12, 4), (24, 8)))
-comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (12, 16), (24, 16)))
+comparison("loop.mlp_l", 1.03)(_loop("mlp_l", (24, 8), (48, 8)))
 
 
 # ---------------------------------------------------------------------------------------------------------
