@@ -49,6 +49,11 @@ def glyph_cache() -> Path:
     return Path(base) / "handgrad"
 
 
+def _whole(value: float) -> int:
+    """The whole pixel nearest ``value``, halves rounded up."""
+    return math.floor(value + 0.5)
+
+
 class Face:
     """One font (a TrueType file, or PIL's default font where ``file`` is None) at ``pixels`` per em.
 
@@ -200,7 +205,7 @@ class Face:
         for ch in text:
             left, top, mask, advance = glyphs[ch]
             if mask.size:
-                placed.append((math.floor(pen + 0.5) + left, top, mask))
+                placed.append((_whole(pen) + left, top, mask))
             pen += advance
         if not placed:
             return np.zeros((0, 0), np.uint8), 0, 0
@@ -225,10 +230,6 @@ class Face:
             x -= self.length(text) * (0.5 if horizontal == "m" else 1.0)
         y += {"a": self.ascent, "s": 0.0, "m": (self.ascent - self.descent) / 2, "d": -self.descent}[vertical]
         return x, y
-
-
-def _whole(value: float) -> int:
-    return math.floor(value + 0.5)
 
 
 def draw_text(pen: Any, at: tuple[float, float], text: str, face: Face, ink: int, anchor: str = "la") -> None:
